@@ -1,0 +1,188 @@
+"""Parse, resolve and validate sensitivity targets.
+
+A target names one scalar inside a module: a parameter or buffer holding one element (``"C"``), one
+element of a larger tensor (``"net.0.weight[3, -1]"``), or a glob (``"blocks.*.alpha"``) that expands,
+in module order, to every matching name. Every error about a bad target is raised here, with the
+target's text, what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+_TARGET_RE = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<index>[^\[\]]*)\])?\s*$")
+_GLOB_CHARS = frozenset("*?")
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """One scalar inside a module.
+
+    Attributes:
+        name: name of the parameter or buffer, as in ``module.named_parameters()``.
+        index: index of the element inside that tensor, non-negative, one entry per dimension.
+        label: canonical text, ``name`` or ``name[i, j]``; the key of every result.
+        text: the target text the user gave (a glob keeps the glob's text).
+    """
+
+    name: str
+    index: tuple[int, ...]
+    label: str
+    text: str
+
+
+def _label(name: str, index: tuple[int, ...] | None) -> str:
+    if index is None:
+        return name
+    return f"{name}[{', '.join(str(i) for i in index)}]"
+
+
+def _parse(text: str, api: str) -> tuple[str, tuple[int, ...] | None]:
+    match = _TARGET_RE.match(text)
+    if match is None:
+        raise ValueError(
+            f"{api}: cannot parse target {text!r}; write a dotted name such as 'C' or 'blocks.*.alpha', "
+            "optionally followed by one index in brackets such as 'net.0.weight[3, 1]'."
+        )
+    name, raw_index = match.group("name"), match.group("index")
+    if raw_index is None:
+        return name, None
+    parts = [p.strip() for p in raw_index.split(",")]
+    if parts and parts[-1] == "" and len(parts) > 1:  # a trailing comma, as in 'w[3,]'
+        parts = parts[:-1]
+    try:
+        index = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"{api}: the index of target {text!r} must be integers separated by commas, "
+            f"such as '{name}[0, 1]'; got '[{raw_index}]'."
+        ) from None
+    return name, index
+
+
+def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[int, ...] | None) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    if not close:
+        return "; use a name from module.named_parameters() or module.named_buffers()."
+    shown = ", ".join(repr(_label(c, index) if index is not None else c) for c in close)
+    return f"; did you mean {shown}?"
+
+
+def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None, api: str) -> tuple[int, ...]:
+    """Check one (name, index) pair against its tensor and return the index, non-negative."""
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{api}: target {text!r} names {name!r}, a tensor of dtype {tensor.dtype}; derivatives exist "
+            "only for floating-point parameters or buffers. Convert it to a float dtype or choose another target."
+        )
+    shape = tuple(tensor.shape)
+    if index is None:
+        if tensor.numel() != 1:
+            example = _label(name, tuple(0 for _ in shape))
+            raise ValueError(
+                f"{api}: target {text!r} names {name!r}, which holds {tensor.numel()} elements "
+                f"(shape {shape}); pick one element with an index, such as {example!r}."
+            )
+        return tuple(0 for _ in shape)
+    if len(index) != len(shape):
+        raise IndexError(
+            f"{api}: target {text!r} gives {len(index)} index(es), but {name!r} has {len(shape)} "
+            f"dimension(s) (shape {shape}); give one index per dimension, such as "
+            f"{_label(name, tuple(0 for _ in shape))!r}."
+        )
+    normalised = []
+    for dim, (i, size) in enumerate(zip(index, shape, strict=True)):
+        if not -size <= i < size:
+            raise IndexError(
+                f"{api}: index {i} of target {text!r} is out of range for dimension {dim} of {name!r} "
+                f"(shape {shape}); valid indices are {-size}..{size - 1}."
+            )
+        normalised.append(i % size)
+    return tuple(normalised)
+
+
+def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -> list[ResolvedTarget]:
+    """Turn target strings into resolved targets, in the order given (globs in module order).
+
+    Args:
+        module: the module whose parameters and buffers are named.
+        targets: one target string or a sequence of them.
+        api: the calling API, used as the prefix of every error message.
+
+    Returns:
+        One :class:`ResolvedTarget` per scalar, with unique canonical labels.
+
+    Raises:
+        TypeError: ``targets`` is not a string or a sequence of strings, or a target is not floating point.
+        ValueError: an empty list, an unknown name, a glob matching nothing, a tensor of several elements
+            named without an index, or two targets naming the same element.
+        IndexError: an index of the wrong rank or out of range.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 2))
+        >>> [t.label for t in resolve_targets(net, ["0.weight[1, -1]", "0.bias[0]"], "api")]
+        ['0.weight[1, 2]', '0.bias[0]']
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"{api}: targets must be a string or a list of strings; got {targets!r}.")
+    if len(targets) == 0:
+        raise ValueError(f"{api}: targets is empty; name at least one parameter or buffer, such as ['C'].")
+
+    tensors = _named_tensors(module)
+    names = list(tensors)
+    owner = type(module).__name__
+    resolved: list[ResolvedTarget] = []
+    seen: dict[str, str] = {}
+    for text in targets:
+        name, index = _parse(text, api)
+        if _GLOB_CHARS & set(name):
+            matches = [n for n in names if fnmatch.fnmatchcase(n, name)]
+            if not matches:
+                raise ValueError(
+                    f"{api}: target {text!r} matches no parameter or buffer of {owner}"
+                    + _suggest(text, name, names, index)
+                )
+        elif name in tensors:
+            matches = [name]
+        else:
+            raise ValueError(
+                f"{api}: {text!r} is not a parameter or buffer of {owner}" + _suggest(text, name, names, index)
+            )
+        for match in matches:
+            element = _element(text, match, tensors[match], index, api)
+            label = _label(match, element if index is not None else None)
+            if label in seen:
+                raise ValueError(
+                    f"{api}: targets {seen[label]!r} and {text!r} both name {label!r}; list each element once."
+                )
+            seen[label] = text
+            resolved.append(ResolvedTarget(name=match, index=element, label=label, text=text))
+    return resolved
+
+
+def target_tensors(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> dict[str, Tensor]:
+    """The module's tensors that ``resolved`` points into, by name, in first-use order."""
+    tensors = _named_tensors(module)
+    out: dict[str, Tensor] = {}
+    for target in resolved:
+        if target.name not in tensors:
+            raise ValueError(
+                f"target {target.label!r} was resolved against another module: {type(module).__name__} has no "
+                f"parameter or buffer {target.name!r}."
+            )
+        out.setdefault(target.name, tensors[target.name])
+    return out
