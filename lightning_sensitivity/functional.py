@@ -18,7 +18,7 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -152,19 +152,27 @@ def compute_sensitivities(
     *,
     method: Method = "auto",
     chunk_size: int | None = None,
+    function: Callable[..., Any] | None = None,
     api: str = "per_sample_sensitivities",
 ) -> dict[str, Tensor]:
-    """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once)."""
+    """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
+
+    With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
+    differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
+    """
     if isinstance(args, Tensor):
         args = (args,)
     elif not isinstance(args, tuple):
         args = tuple(args)
     kwargs = {} if kwargs is None else kwargs
+    plan = _PLANS.setdefault(module, _Plan())
+    if function is not None:
+        module = _Bound(module, function)
+        resolved = [replace(t, name=f"{_Bound.PREFIX}{t.name}") for t in resolved]
     tensors = target_tensors(module, resolved)
     if method == "reverse":
         return _reverse(module, resolved, tensors, args, kwargs, chunk_size, api)
 
-    plan = _PLANS.setdefault(module, _Plan())
     while not plan.reverse:
         try:
             with _forward_ad_kernels(plan.safe_kernels):
@@ -178,19 +186,42 @@ def compute_sensitivities(
                 plan.vectorise = False  # an op with a jvp but no vmap rule: one tangent at a time
             elif method == "forward":
                 raise RuntimeError(
-                    f"{api}: forward-mode AD is not available for an op in {type(module).__name__}: "
+                    f"{api}: forward-mode AD is not available for an op in {_describe(module)}: "
                     f"{_first_line(error)} Use method='auto' to fall back to reverse mode, or method='reverse'."
                 ) from error
             else:
                 plan.reverse = True
                 warnings.warn(
-                    f"{api}: forward-mode AD is not available for an op in {type(module).__name__} "
+                    f"{api}: forward-mode AD is not available for an op in {_describe(module)} "
                     f"({_first_line(error)}); falling back to batched reverse mode, which costs a backward "
                     "pass per chunk of output elements. Pass method='reverse' to skip the forward attempt.",
                     UserWarning,
                     stacklevel=2,
                 )
     return _reverse(module, resolved, tensors, args, kwargs, chunk_size, api)
+
+
+class _Bound(nn.Module):
+    """Calls ``function`` in place of ``forward``, holding the function's module as a child so that
+    ``functional_call`` swaps that module's tensors (named ``inner.<name>`` here)."""
+
+    PREFIX = "inner."
+
+    def __init__(self, module: nn.Module, function: Callable[..., Any]):
+        super().__init__()
+        self.inner = module
+        self.function = function
+        self.training = module.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+
+def _describe(module: nn.Module) -> str:
+    """The name of what is differentiated, for messages: ``Net`` or ``Net.sensitivity_step``."""
+    if isinstance(module, _Bound):
+        return f"{type(module.inner).__name__}.{getattr(module.function, '__name__', 'function')}"
+    return type(module).__name__
 
 
 def _first_line(error: BaseException) -> str:
@@ -241,7 +272,7 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
 
 
 def _module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], api: str) -> Callable[..., Tensor]:
-    name = type(module).__name__
+    name = _describe(module)
 
     def call(tensors: dict[str, Tensor]) -> Tensor:
         out = functional_call(module, tensors, args, kwargs)

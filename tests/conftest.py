@@ -221,3 +221,45 @@ def zoo_case(request):
     torch.manual_seed(0)
     model = make_model().eval()
     return request.param, model, make_args(), targets, labels
+
+
+# ---- Lightning helpers ----------------------------------------------------------------------------------
+
+
+def read_events(log_dir) -> tuple[dict, dict]:
+    """Every histogram and scalar event under ``log_dir``: ``({tag: [HistogramEvent]}, {tag: [ScalarEvent]})``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return (
+        {tag: acc.Histograms(tag) for tag in tags["histograms"]},
+        {tag: acc.Scalars(tag) for tag in tags["scalars"]},
+    )
+
+
+def expected_stats(values: Tensor) -> dict[str, float]:
+    """What the histogram of ``values`` must hold: non-finite values left out and counted."""
+    values = values.detach().double().reshape(-1)
+    finite = values[torch.isfinite(values)]
+    return {
+        "num": float(finite.numel()),
+        "sum": float(finite.sum()),
+        "sum_squares": float((finite * finite).sum()),
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "nonfinite": float((~torch.isfinite(values)).sum()),
+        "mean": float(finite.mean()),
+        "std": float(finite.std()),
+        "abs_mean": float(finite.abs().mean()),
+    }
+
+
+def assert_histogram(event, stats: dict[str, float], rel: float = 1e-5) -> None:
+    h = event.histogram_value
+    assert h.num == stats["num"]
+    assert sum(h.bucket) == h.num
+    assert list(h.bucket_limit) == sorted(h.bucket_limit)
+    for key in ("sum", "sum_squares", "min", "max"):
+        assert getattr(h, key) == pytest.approx(stats[key], rel=rel, abs=1e-6), key

@@ -1,0 +1,370 @@
+"""SensitivityMonitor in a real Trainer: histograms and scalars read back from TensorBoard event files."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from conftest import assert_histogram, expected_stats, loop_reference, read_events
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_sensitivity import SensitivityMonitor
+
+
+class Physics(L.LightningModule):
+    """``y = C * x[:, :1] + net(x)``, so ``dy/dC = x[:, :1]`` for every output element."""
+
+    def __init__(self, outputs: int = 3):
+        super().__init__()
+        self.C = nn.Parameter(torch.tensor(-5.0))
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, outputs))
+        self.training_steps = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.C * x[:, :1] + self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def physics_data(n: int, outputs: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, outputs, generator=g))
+
+
+def trainer(tmp_path, monitor: SensitivityMonitor | list, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=1,
+        limit_train_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=monitor if isinstance(monitor, list) else [monitor],
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def reduce(values: Tensor, reduction: str) -> Tensor:
+    per_sample = values.reshape(values.shape[0], -1).double()
+    return {
+        "none": per_sample.reshape(-1),
+        "sum": per_sample.sum(1),
+        "mean": per_sample.mean(1),
+        "norm": per_sample.norm(dim=1),
+    }[reduction]
+
+
+def copy_of(model: L.LightningModule) -> L.LightningModule:
+    fresh = type(model)()
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "norm"])
+def test_tuple_batches_match_analytic_and_loop_reference(tmp_path, reduction):
+    torch.manual_seed(0)
+    model = Physics()
+    val = physics_data(37, seed=1)  # 37 = 4 batches of 8 and an uneven last batch of 5
+    label = "net.2.weight[1, 3]"
+    monitor = SensitivityMonitor(targets=["C", "net.2.weight[1, -5]"], reduction=reduction)
+    t = trainer(tmp_path, monitor)  # Trainer defaults otherwise: inference_mode=True
+    t.fit(model, DataLoader(physics_data(16), batch_size=8), DataLoader(val, batch_size=8))
+
+    histograms, scalars = read_events(t.logger.log_dir)
+    x = val.tensors[0]
+    analytic = x[:, :1].expand(-1, 3)  # dy/dC
+    weight_ref = loop_reference(copy_of(model), [label], (x,))[label]
+    for target, ref in (("C", analytic), (label, weight_ref)):
+        stats = expected_stats(reduce(ref, reduction))
+        (event,) = histograms[f"sensitivity/{target}"]
+        assert event.step == t.global_step == 2
+        assert_histogram(event, stats)
+        for stat in ("mean", "std", "abs_mean", "nonfinite"):
+            (scalar,) = scalars[f"sensitivity/{target}/{stat}"]
+            assert scalar.value == pytest.approx(stats[stat], rel=1e-5, abs=1e-7), stat
+            assert t.callback_metrics[f"sensitivity/{target}/{stat}"].item() == pytest.approx(scalar.value)
+    assert monitor.labels == ["C", label]
+
+
+class DictData(Dataset):
+    def __init__(self, n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class Classifier(L.LightningModule):
+    """Softmax classifier with a temperature; sensitivity of the true-class probability."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+        self.T = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.net(x) / self.T
+
+    def true_class_probability(self, x, y):
+        return self(x).softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    def sensitivity_step(self, batch, batch_idx):
+        return self.true_class_probability(batch["x"], batch["y"])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["y"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_dict_batches_with_sensitivity_step(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    val = DictData(30, seed=2)
+    monitor = SensitivityMonitor(targets=["T", "net.weight[2, 0]"])
+    t = trainer(tmp_path, monitor, max_epochs=2)
+    t.fit(model, DataLoader(DictData(16), batch_size=8), DataLoader(val, batch_size=7))
+
+    reference = copy_of(model)
+    histograms, _ = read_events(t.logger.log_dir)
+    for target, tensor in (("T", reference.T), ("net.weight[2, 0]", reference.net.weight)):
+        grads = []
+        for i in range(len(val)):  # the seed's loop: one backward pass per sample
+            p = reference.true_class_probability(val.x[i : i + 1], val.y[i : i + 1])
+            (g,) = torch.autograd.grad(p.sum(), tensor)
+            grads.append(g if tensor.dim() == 0 else g[2, 0])
+        events = histograms[f"sensitivity/{target}"]
+        assert [e.step for e in events] == [2, 4]
+        assert_histogram(events[-1], expected_stats(torch.stack(grads)))
+
+
+class SquareRoot(L.LightningModule):
+    """``y = C * sqrt(x)``: NaN for negative inputs, Inf for infinite ones; ``dy/dC = sqrt(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.C = nn.Parameter(torch.tensor(2.0))
+        self.unused = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.C * x.sqrt()
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_nonfinite_samples_are_left_out_and_counted(tmp_path):
+    x = torch.rand(40, 2) + 0.1
+    x[3, 0], x[17, 1], x[18, 0] = -1.0, -4.0, float("inf")
+    train = TensorDataset(torch.rand(8, 2), torch.rand(8, 2))
+    monitor = SensitivityMonitor(targets=["C"])
+    t = trainer(tmp_path, monitor)
+    t.fit(SquareRoot(), DataLoader(train, batch_size=8), DataLoader(TensorDataset(x, x), batch_size=16))
+    stats = expected_stats(x.sqrt())
+    assert stats["nonfinite"] == 3 and stats["num"] == 77
+    histograms, scalars = read_events(t.logger.log_dir)
+    assert_histogram(histograms["sensitivity/C"][0], stats)
+    assert scalars["sensitivity/C/nonfinite"][0].value == 3
+    assert scalars["sensitivity/C/mean"][0].value == pytest.approx(stats["mean"], rel=1e-6)
+
+
+def test_target_the_output_does_not_depend_on_warns_once(tmp_path):
+    train = TensorDataset(torch.rand(8, 2), torch.rand(8, 2))
+    monitor = SensitivityMonitor(targets=["unused", "C"])
+    t = trainer(tmp_path, monitor, max_epochs=2)
+    with pytest.warns(UserWarning, match="every sensitivity to 'unused' is zero") as record:
+        t.fit(SquareRoot(), DataLoader(train, batch_size=8), DataLoader(train, batch_size=8))
+    assert len([w for w in record if "is zero" in str(w.message)]) == 1
+    histograms, _ = read_events(t.logger.log_dir)
+    assert [e.histogram_value.num for e in histograms["sensitivity/unused"]] == [16, 16]
+
+
+def test_every_n_epochs_and_sanity_check(tmp_path):
+    data = DataLoader(physics_data(16), batch_size=8)
+    monitor = SensitivityMonitor(targets=["C"], every_n_epochs=2)
+    t = trainer(tmp_path / "a", monitor, max_epochs=5)
+    t.fit(Physics(), data, data)
+    histograms, scalars = read_events(t.logger.log_dir)
+    assert [e.step for e in histograms["sensitivity/C"]] == [4, 8]
+    assert [e.step for e in scalars["sensitivity/C/mean"]] == [3, 7]  # Lightning logs epoch metrics at step-1
+
+    monitor = SensitivityMonitor(targets=["C"], log_sanity_check=True)
+    t = trainer(tmp_path / "b", monitor, max_epochs=1)
+    t.fit(Physics(), data, data)
+    histograms, _ = read_events(t.logger.log_dir)
+    assert [e.step for e in histograms["sensitivity/C"]] == [0, 2]
+    sanity, epoch = histograms["sensitivity/C"]
+    assert sanity.histogram_value.num == 16 * 3  # the sanity check ran 2 batches of 8 samples, 3 outputs each
+    assert epoch.histogram_value.num == 16 * 3
+
+
+def test_validate_alone_with_trainer_defaults(tmp_path):
+    model = Physics()
+    val = physics_data(21, seed=4)
+    t = L.Trainer(
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[SensitivityMonitor(["C"], every_n_epochs=3)],
+        enable_progress_bar=False,
+    )
+    t.validate(model, DataLoader(val, batch_size=5))
+    t.validate(model, DataLoader(val, batch_size=5))
+    histograms, _ = read_events(t.logger.log_dir)
+    events = histograms["sensitivity/C"]
+    assert [e.step for e in events] == [0, 0]
+    for event in events:
+        assert_histogram(event, expected_stats(val.tensors[0][:, :1].expand(-1, 3)))
+
+
+def test_several_dataloaders_max_batches_and_limit_val_batches(tmp_path):
+    a, b = physics_data(24, seed=5), physics_data(18, seed=6)
+    loaders = [DataLoader(a, batch_size=4), DataLoader(b, batch_size=4)]
+    train = DataLoader(physics_data(8), batch_size=8)
+    cases = {
+        "all": (SensitivityMonitor(["C"], reduction="mean"), {}, torch.cat([a.tensors[0], b.tensors[0]])),
+        "second": (SensitivityMonitor(["C"], reduction="mean", dataloaders=[1]), {}, b.tensors[0]),
+        "max_batches": (
+            SensitivityMonitor(["C"], reduction="mean", max_batches=2),
+            {},
+            torch.cat([a.tensors[0][:8], b.tensors[0][:8]]),
+        ),
+        "limit_val_batches": (
+            SensitivityMonitor(["C"], reduction="mean"),
+            {"limit_val_batches": 3},
+            torch.cat([a.tensors[0][:12], b.tensors[0][:12]]),
+        ),
+    }
+    for name, (monitor, kwargs, x) in cases.items():
+        t = trainer(tmp_path / name, monitor, **kwargs)
+        t.fit(Physics(), train, loaders)
+        histograms, _ = read_events(t.logger.log_dir)
+        (event,) = histograms["sensitivity/C"]
+        assert_histogram(event, expected_stats(x[:, 0]))
+
+
+class Counting(Physics):
+    pass
+
+
+def test_unknown_target_stops_the_run_before_the_first_training_step(tmp_path):
+    model = Counting()
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C", "net.2.wieght[1, 3]"]))
+    data = DataLoader(physics_data(8), batch_size=8)
+    with pytest.raises(ValueError, match=r"'net\.2\.wieght\[1, 3\]'.*did you mean 'net\.2\.weight\[1, 3\]'"):
+        t.fit(model, data, data)
+    assert model.training_steps == 0
+    assert not list((tmp_path).rglob("events.out.tfevents.*")) or not read_events(t.logger.log_dir)[0]
+
+
+def test_dict_batch_without_sensitivity_step_is_a_clear_error(tmp_path):
+    class NoStep(Classifier):
+        sensitivity_step = None
+
+    t = trainer(tmp_path, SensitivityMonitor(targets=["T"]))
+    data = DataLoader(DictData(8), batch_size=4)
+    with pytest.raises(TypeError, match="define `sensitivity_step"):
+        t.fit(NoStep(), data, data)
+
+
+@pytest.mark.parametrize("logger", ["csv", "none"])
+def test_without_tensorboard_one_warning_and_scalars_still_logged(tmp_path, logger):
+    logger = CSVLogger(tmp_path) if logger == "csv" else False
+    data = DataLoader(physics_data(16), batch_size=8)
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C"]), logger=logger, max_epochs=2)
+    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+        t.fit(Physics(), data, data)
+    assert len([w for w in record if "TensorBoardLogger" in str(w.message)]) == 1
+    expected = expected_stats(physics_data(16).tensors[0][:, :1].expand(-1, 3))
+    assert t.callback_metrics["sensitivity/C/mean"].item() == pytest.approx(expected["mean"], rel=1e-5)
+    if logger:
+        assert "sensitivity/C/abs_mean" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        SensitivityMonitor(targets=["C"], log_histograms=False).setup(t, Physics(), "fit")
+
+
+def test_reverse_fallback_inside_the_trainer(tmp_path):
+    class Distances(Physics):
+        def forward(self, x):
+            return torch.cdist(x, self.net[0].weight[:, :2]) * self.C
+
+    val = physics_data(12, outputs=8, seed=7)
+    monitor = SensitivityMonitor(targets=["C", "net.0.weight[1, 0]"])
+    t = trainer(tmp_path, monitor)
+    model = Distances(outputs=8)
+    with pytest.warns(UserWarning, match="falling back to batched reverse mode"):
+        t.fit(model, DataLoader(physics_data(8, outputs=8), batch_size=8), DataLoader(val, batch_size=6))
+    fresh = Distances(outputs=8)
+    fresh.load_state_dict(model.state_dict())
+    ref = loop_reference(fresh, ["C", "net.0.weight[1, 0]"], (val.tensors[0],))
+    histograms, _ = read_events(t.logger.log_dir)
+    for label, value in ref.items():
+        assert_histogram(histograms[f"sensitivity/{label}"][0], expected_stats(value))
+
+
+def test_memory_does_not_grow_with_the_validation_set(tmp_path):
+    sizes = {}
+    for n in (64, 4096):
+        monitor = SensitivityMonitor(targets=["C", "net.0.weight[0, 0]"])
+        t = trainer(tmp_path / str(n), monitor)
+        val = physics_data(n, seed=8)
+        t.validate(Physics(), DataLoader(val, batch_size=64))
+        state = monitor._aggregator.metric_state
+        sizes[n] = sum(v.numel() * v.element_size() for v in state.values())
+        histograms, _ = read_events(t.logger.log_dir)
+        assert histograms["sensitivity/C"][0].histogram_value.num == 3 * n
+    assert sizes[64] == sizes[4096]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"reduction": "max"}, "reduction"),
+        ({"method": "jacrev"}, "method"),
+        ({"dataloaders": [-1]}, "dataloaders"),
+        ({"buckets_per_octave": 0}, "buckets_per_octave"),
+        ({"targets": []}, "targets"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    kwargs = {"targets": ["C"], **kwargs}
+    with pytest.raises(ValueError, match=rf"SensitivityMonitor\({name}=\.\.\.\)"):
+        SensitivityMonitor(**kwargs)
+
+
+def test_state_key_tells_two_monitors_apart():
+    assert SensitivityMonitor(["C"]).state_key != SensitivityMonitor(["C", "net.0.bias[0]"]).state_key
