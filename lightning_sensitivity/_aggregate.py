@@ -134,44 +134,46 @@ class SensitivityAggregator(Metric):
         self.buckets.scatter_add_(1, self.bucket_index(clean), finite.long())
 
     def compute(self) -> dict[str, Tensor]:
-        """Summary scalars per target, each ``[K]`` on the metric's device: mean, std (with Bessel's
-        correction, as ``torch.std``), abs_mean, nonfinite and count. Mean and std are NaN without values."""
+        """The state, reduced over every process, and summary scalars, each ``[K]`` (``buckets`` ``[K, NB]``)
+        on the metric's device: the state's fields plus ``mean``, ``std`` (with Bessel's correction, as
+        ``torch.std``) and ``abs_mean``; NaN where a target has no finite value. Under DDP every rank must call
+        it; the reduced state lives only in what it returns."""
         n = self.count.to(torch.float64)
         mean = self.sum / n
         var = ((self.sum_squares - self.sum * mean) / (n - 1)).clamp_min(0)
-        return {
-            "mean": mean,
-            "std": var.sqrt(),
-            "abs_mean": self.abs_sum / n,
-            "nonfinite": self.nonfinite,
-            "count": self.count,
-        }
+        state = {name: getattr(self, name) for name in _STATE}
+        return {**state, "mean": mean, "std": var.sqrt(), "abs_mean": self.abs_sum / n}
 
-    def histograms(self) -> list[Histogram]:
-        """Every target's statistics on the host (one copy per call), without the empty buckets that carry no edge."""
+    def histograms(self, summary: dict[str, Tensor] | None = None) -> list[Histogram]:
+        """Every target's statistics on the host, from ``summary`` (the result of :meth:`compute`; computed
+        here when not given), without the empty buckets that carry no edge."""
+        summary = self.compute() if summary is None else summary
         limits = self.bucket_limits()
-        host = {
-            name: getattr(self, name).cpu()
-            for name in ("count", "nonfinite", "sum", "abs_sum", "sum_squares", "min", "max", "buckets")
-        }
+        k = self.num_targets
+        # one copy to the host; torchmetrics squeezes one-element results, hence the reshapes
+        host = {name: summary[name].cpu().reshape(k, -1) for name in _STATE}
         out = []
-        for k in range(self.num_targets):
-            counts = host["buckets"][k]
+        for row in range(k):
+            counts = host["buckets"][row]
             # Keep every filled bucket and the empty bucket just below each, so every filled bucket keeps its
             # lower edge; runs of empty buckets between them merge into that one.
             filled = counts > 0
             keep = filled | torch.cat([filled[1:], torch.zeros(1, dtype=torch.bool)])
+            scalar = {name: host[name][row, 0] for name in _STATE if name != "buckets"}
             out.append(
                 Histogram(
-                    num=int(host["count"][k]),
-                    nonfinite=int(host["nonfinite"][k]),
-                    sum=float(host["sum"][k]),
-                    abs_sum=float(host["abs_sum"][k]),
-                    sum_squares=float(host["sum_squares"][k]),
-                    min=float(host["min"][k]),
-                    max=float(host["max"][k]),
+                    num=int(scalar["count"]),
+                    nonfinite=int(scalar["nonfinite"]),
+                    sum=float(scalar["sum"]),
+                    abs_sum=float(scalar["abs_sum"]),
+                    sum_squares=float(scalar["sum_squares"]),
+                    min=float(scalar["min"]),
+                    max=float(scalar["max"]),
                     bucket_limits=limits[keep].tolist(),
                     bucket_counts=counts[keep].tolist(),
                 )
             )
         return out
+
+
+_STATE = ("count", "nonfinite", "sum", "abs_sum", "sum_squares", "min", "max", "buckets")

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from lightning_sensitivity._aggregate import SensitivityAggregator
 from lightning_sensitivity._targets import ResolvedTarget, resolve_targets
@@ -55,6 +56,10 @@ class SensitivityMonitor(Callback):
         dataloaders: indices of the validation dataloaders to use; ``None``: all.
         log_histograms: write the TensorBoard histograms.
         buckets_per_octave: histogram resolution: buckets per factor of two on each side of zero.
+        drop_padded_duplicates: under DDP, a ``DistributedSampler`` (Lightning's default for validation) pads
+            the data set to a multiple of the world size by repeating its first samples at the end of some
+            ranks; leave those repeats out so that every sample counts once. The samples of the model's output
+            must then follow the order of the dataloader, as they do for ``pl_module(batch[0])``.
 
     Raises:
         ValueError: a bad argument, named in the message.
@@ -82,6 +87,7 @@ class SensitivityMonitor(Callback):
         dataloaders: list[int] | None = None,
         log_histograms: bool = True,
         buckets_per_octave: int = 8,
+        drop_padded_duplicates: bool = True,
     ) -> None:
         if isinstance(targets, str):
             targets = [targets]
@@ -110,12 +116,15 @@ class SensitivityMonitor(Callback):
         self.dataloaders = None if dataloaders is None else list(dataloaders)
         self.log_histograms = log_histograms
         self.buckets_per_octave = buckets_per_octave
+        self.drop_padded_duplicates = drop_padded_duplicates
 
         self._resolved: list[ResolvedTarget] = []
         self._aggregator: SensitivityAggregator | None = None
         self._tensorboard: TensorBoardLogger | None = None
         self._active = False
         self._batches: dict[int, int] = {}
+        self._samples: dict[int, int] = {}
+        self._originals: dict[int, int] = {}
         self._warned_constant: set[str] = set()
 
     @property
@@ -144,7 +153,8 @@ class SensitivityMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._active = self._should_run(trainer)
-        self._batches = {}
+        self._batches, self._samples = {}, {}
+        self._originals = _original_samples(trainer) if self.drop_padded_duplicates else {}
         if self._active and self._aggregator is not None:
             self._aggregator.to(pl_module.device)
             self._aggregator.reset()
@@ -175,7 +185,15 @@ class SensitivityMonitor(Callback):
         self._batches[dataloader_idx] = seen + 1
         module = trainer.lightning_module  # never a strategy wrapper
         sens = self._differentiate(module, batch, batch_idx, dataloader_idx)
-        values = torch.stack([_reduce(sens[t.label], self.reduction) for t in self._resolved])
+        first = next(iter(sens.values()))
+        keep = first.shape[0]
+        if dataloader_idx in self._originals:  # this rank's sampler repeats samples at its end
+            seen = self._samples.get(dataloader_idx, 0)
+            self._samples[dataloader_idx] = seen + keep
+            keep = max(0, min(keep, self._originals[dataloader_idx] - seen))
+            if keep == 0:
+                return
+        values = torch.stack([_reduce(sens[t.label][:keep], self.reduction) for t in self._resolved])
         self._aggregator.update(values)
 
     def _differentiate(
@@ -215,15 +233,18 @@ class SensitivityMonitor(Callback):
                     value,
                     on_step=False,
                     on_epoch=True,
-                    sync_dist=False,  # already reduced over every rank by the aggregator
+                    # Every rank holds the same, already reduced value: a max over ranks keeps it exactly (a mean
+                    # could round) and spares Lightning's warning about unsynced epoch-level values.
+                    sync_dist=True,
+                    reduce_fx="max",
                     add_dataloader_idx=False,
                 )
         if trainer.is_global_zero:
-            self._write_histograms(trainer)
+            self._write_histograms(trainer, summary)
 
-    def _write_histograms(self, trainer: Trainer) -> None:
+    def _write_histograms(self, trainer: Trainer, summary: dict[str, Tensor]) -> None:
         assert self._aggregator is not None
-        histograms = self._aggregator.histograms()  # the one copy to the host per epoch
+        histograms = self._aggregator.histograms(summary)  # the one copy to the host per epoch
         for target, hist in zip(self._resolved, histograms, strict=True):
             if hist.num > 0 and hist.min == 0.0 and hist.max == 0.0 and target.label not in self._warned_constant:
                 self._warned_constant.add(target.label)
@@ -244,6 +265,32 @@ class SensitivityMonitor(Callback):
                 bucket_counts=hist.bucket_counts,
                 global_step=trainer.global_step,
             )
+
+
+def _original_samples(trainer: Trainer) -> dict[int, int]:
+    """For each validation dataloader whose ``DistributedSampler`` pads with repeats, how many of this rank's
+    samples come before the repeats. The sampler deals positions ``rank, rank + world, ...`` of a list made of
+    the data set's indices followed by repeats of its first ones, so the repeats are each rank's last samples.
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is None or trainer.world_size == 1:
+        return {}
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    originals = {}
+    for idx, loader in enumerate(loaders):
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            sampler = getattr(batch_sampler, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            continue
+        size = len(sampler.dataset)  # type: ignore[arg-type]
+        if sampler.total_size > size:
+            originals[idx] = max(0, -(-(size - sampler.rank) // sampler.num_replicas))
+    return originals
 
 
 def _check_positive(name: str, value: int) -> None:

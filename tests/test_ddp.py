@@ -1,0 +1,68 @@
+"""Real 2-process DDP on CPU (gloo) against a single-process run and the analytic answer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_histogram, expected_stats, read_events
+from ddp_script import data
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def run(out_dir: Path, devices: int, n_val: int, *extra: str) -> tuple[dict, dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out_dir), str(devices), str(n_val), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_events(out_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    root = tmp_path_factory.mktemp("ddp")
+    n_val = 25  # odd: DistributedSampler pads rank 1 with a repeat of sample 0
+    return {
+        "single": run(root / "single", 1, n_val),
+        "ddp": run(root / "ddp", 2, n_val),
+        "ddp-keep": run(root / "ddp-keep", 2, n_val, "--keep-duplicates"),
+    }
+
+
+def test_ddp_histogram_covers_every_sample_exactly_once(runs):
+    x = data(25, 1).tensors[0]
+    analytic = expected_stats(x[:, :1].expand(-1, 3))  # dy/dC, 3 outputs per sample
+    single_hist, single_scalars = runs["single"]
+    ddp_hist, ddp_scalars = runs["ddp"]
+    for hist in (single_hist, ddp_hist):
+        events = hist["sensitivity/C"]
+        assert [e.step for e in events] == [2, 4]
+        for event in events:
+            assert_histogram(event, analytic)
+    for tag in ("sensitivity/C", "sensitivity/net.0.weight[3, 1]"):
+        for one, two in zip(single_hist[tag], ddp_hist[tag], strict=True):
+            a, b = one.histogram_value, two.histogram_value
+            assert (a.num, a.min, a.max) == (b.num, b.min, b.max)
+            assert list(a.bucket) == list(b.bucket) and list(a.bucket_limit) == list(b.bucket_limit)
+            assert a.sum == pytest.approx(b.sum, rel=1e-9, abs=1e-12)
+            assert a.sum_squares == pytest.approx(b.sum_squares, rel=1e-9)
+    for stat in ("mean", "std", "abs_mean", "nonfinite"):
+        tag = f"sensitivity/C/{stat}"
+        assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6, abs=1e-9)
+    assert ddp_scalars["sensitivity/C/mean"][-1].value == pytest.approx(analytic["mean"], rel=1e-6)
+
+
+def test_ddp_padding_repeats_are_counted_when_asked(runs):
+    x = data(25, 1).tensors[0]
+    padded = x[[*range(25), 0], :1].expand(-1, 3)  # the sampler's repeat of sample 0
+    (first, _) = runs["ddp-keep"][0]["sensitivity/C"]
+    assert_histogram(first, expected_stats(padded))
