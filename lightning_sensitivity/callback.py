@@ -122,14 +122,29 @@ class SensitivityMonitor(Callback):
         self._aggregator: SensitivityAggregator | None = None
         self._tensorboard: TensorBoardLogger | None = None
         self._active = False
+        self._dry_run = False
         self._batches: dict[int, int] = {}
         self._samples: dict[int, int] = {}
         self._originals: dict[int, int] = {}
         self._warned_constant: set[str] = set()
+        #: validation epochs whose statistics were logged, across resumes from checkpoints
+        self.epochs_logged = 0
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(targets=self.targets, reduction=self.reduction, dataloaders=self.dataloaders)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "epochs_logged": self.epochs_logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs_logged = int(state_dict.get("epochs_logged", 0))
+        labels = list(state_dict.get("labels", []))
+        if self._resolved and labels != self.labels:  # Lightning restores callbacks after `setup`
+            rank_zero_warn(
+                f"{_API}: the checkpoint was written while watching {labels}, now {self.labels}; the histograms "
+                "before and after the resume are of different targets."
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -153,6 +168,9 @@ class SensitivityMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._active = self._should_run(trainer)
+        # Without logging it, the sanity check still differentiates one batch, so that a model whose output
+        # cannot be differentiated stops the run before the first training step, not after the first epoch.
+        self._dry_run = trainer.sanity_checking and not self._active
         self._batches, self._samples = {}, {}
         self._originals = _original_samples(trainer) if self.drop_padded_duplicates else {}
         if self._active and self._aggregator is not None:
@@ -175,9 +193,13 @@ class SensitivityMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active or self._aggregator is None:
-            return
         if self.dataloaders is not None and dataloader_idx not in self.dataloaders:
+            return
+        if self._dry_run:
+            self._dry_run = False
+            self._differentiate(trainer.lightning_module, batch, batch_idx, dataloader_idx)
+            return
+        if not self._active or self._aggregator is None:
             return
         seen = self._batches.get(dataloader_idx, 0)
         if self.max_batches is not None and seen >= self.max_batches:
@@ -239,6 +261,7 @@ class SensitivityMonitor(Callback):
                     reduce_fx="max",
                     add_dataloader_idx=False,
                 )
+        self.epochs_logged += 1
         if trainer.is_global_zero:
             self._write_histograms(trainer, summary)
 

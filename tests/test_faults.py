@@ -1,0 +1,200 @@
+"""Scale and faults: large validation sets, bad input stopped before training, frozen targets, resume."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import assert_histogram, expected_stats, read_events
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_callback import DictData, Physics, physics_data, trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_sensitivity import SensitivityMonitor
+
+
+def test_large_validation_set_is_exact_with_bounded_state(tmp_path):
+    sizes = {}
+    for n in (2_000, 20_000):
+        model = Physics()
+        monitor = SensitivityMonitor(targets=["C", "net.0.weight[0, 1]", "net.2.bias[2]"], reduction="none")
+        t = trainer(tmp_path / str(n), monitor)
+        val = physics_data(n, seed=9)
+        t.validate(model, DataLoader(val, batch_size=1000))
+        sizes[n] = sum(v.numel() * v.element_size() for v in monitor._aggregator.metric_state.values())
+        histograms, scalars = read_events(t.logger.log_dir)
+        x = val.tensors[0]
+        assert_histogram(histograms["sensitivity/C"][0], expected_stats(x[:, :1].expand(-1, 3)), rel=1e-9)
+        # d y_j / d bias_2 is 1 for output 2 and 0 for the others, for every sample
+        bias = torch.zeros(n, 3)
+        bias[:, 2] = 1
+        assert_histogram(histograms["sensitivity/net.2.bias[2]"][0], expected_stats(bias), rel=1e-12)
+        assert scalars["sensitivity/net.2.bias[2]/mean"][0].value == pytest.approx(1 / 3)
+    assert sizes[2_000] == sizes[20_000]
+
+
+class Frozen(Physics):
+    def __init__(self):
+        super().__init__()
+        self.C.requires_grad_(False)
+        self.net[0].requires_grad_(False)
+
+
+def test_frozen_parameters_are_valid_targets(tmp_path):
+    model = Frozen()
+    val = physics_data(30, seed=10)
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C", "net.0.weight[1, 1]"]))
+    t.fit(model, DataLoader(physics_data(8), batch_size=8), DataLoader(val, batch_size=8))
+    histograms, _ = read_events(t.logger.log_dir)
+    assert_histogram(histograms["sensitivity/C"][0], expected_stats(val.tensors[0][:, :1].expand(-1, 3)))
+    assert histograms["sensitivity/net.0.weight[1, 1]"][0].histogram_value.num == 90
+    assert not model.C.requires_grad and not model.net[0].weight.requires_grad
+
+
+class WithTable(Physics):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("targets", "error", "fragment"),
+    [
+        (["C", "net.0.wieght[0, 0]"], ValueError, "did you mean 'net.0.weight[0, 0]'"),
+        (["steps[0]"], TypeError, "torch.int64"),
+        (["net.0.weight"], ValueError, "holds 16 elements"),
+        (["net.0.weight[8, 0]"], IndexError, "out of range"),
+        (["blocks.*.alpha"], ValueError, "matches no parameter or buffer"),
+        (["C", "C"], ValueError, "both name"),
+    ],
+)
+def test_bad_targets_stop_the_run_before_any_training_step(tmp_path, targets, error, fragment):
+    model = WithTable()
+    t = trainer(tmp_path, SensitivityMonitor(targets=targets))
+    data = DataLoader(physics_data(8), batch_size=8)
+    with pytest.raises(error, match="SensitivityMonitor") as info:
+        t.fit(model, data, data)
+    assert fragment in str(info.value)
+    assert model.training_steps == 0
+
+
+class TupleOutput(Physics):
+    def forward(self, x):
+        return super().forward(x), x
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+class ScalarOutput(TupleOutput):
+    def forward(self, x):
+        return Physics.forward(self, x).sum()
+
+
+class NoStepDict(Physics):
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        return super().forward(batch["x"][:, :2]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "data", "error", "fragment"),
+    [
+        (TupleOutput, physics_data(8), TypeError, "returned tuple"),
+        (ScalarOutput, physics_data(8), ValueError, "0-dim"),
+        (NoStepDict, DictData(8), TypeError, "sensitivity_step"),
+    ],
+)
+def test_outputs_that_cannot_be_differentiated_stop_the_run_in_the_sanity_check(
+    tmp_path, model_cls, data, error, fragment
+):
+    model = model_cls()
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C"]))
+    loader = DataLoader(data, batch_size=4)
+    with pytest.raises(error, match=fragment):
+        t.fit(model, loader, loader)
+    assert model.training_steps == 0
+
+
+def test_resume_from_checkpoint_and_two_monitors(tmp_path):
+    data = DataLoader(physics_data(16), batch_size=8)
+    val = DataLoader(physics_data(12, seed=11), batch_size=4)
+
+    def monitors():
+        return [SensitivityMonitor(targets=["C"]), SensitivityMonitor(targets=["net.2.bias[0]"], reduction="sum")]
+
+    first = monitors()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, [*first, ckpt], max_epochs=2, enable_checkpointing=True)
+    t.fit(Physics(), data, val)
+    assert [m.epochs_logged for m in first] == [2, 2]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert {first[0].state_key, first[1].state_key} <= set(state)
+
+    second = monitors()
+    t = trainer(tmp_path, second, max_epochs=4)
+    t.fit(Physics(), data, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [m.epochs_logged for m in second] == [4, 4]
+    before, after = (read_events(tmp_path / "tb" / f"version_{v}")[0] for v in (0, 1))
+    for tag in ("sensitivity/C", "sensitivity/net.2.bias[0]"):
+        assert [e.step for e in before[tag]] == [2, 4]
+        assert [e.step for e in after[tag]] == [6, 8]
+    for event in before["sensitivity/net.2.bias[0]"] + after["sensitivity/net.2.bias[0]"]:
+        assert event.histogram_value.num == 12 and event.histogram_value.sum == 12  # sum over outputs: 1 each
+
+
+def test_nan_parameter_never_crashes_and_is_counted(tmp_path):
+    model = Physics()
+    with torch.no_grad():
+        model.net[2].weight[0, 0] = float("nan")
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C", "net.2.bias[1]"]))
+    val = physics_data(10, seed=12)
+    t.validate(model, DataLoader(val, batch_size=5))
+    histograms, scalars = read_events(t.logger.log_dir)
+    # output 0 is NaN for every sample, and so is its derivative with respect to anything (0 * NaN is NaN);
+    # outputs 1 and 2 stay finite and are counted exactly
+    c = val.tensors[0][:, :1].expand(-1, 3).clone()
+    c[:, 0] = float("nan")
+    assert_histogram(histograms["sensitivity/C"][0], expected_stats(c))
+    bias = torch.tensor([float("nan"), 1.0, 0.0]).expand(10, 3)
+    assert_histogram(histograms["sensitivity/net.2.bias[1]"][0], expected_stats(bias))
+    assert scalars["sensitivity/C/nonfinite"][0].value == 10
+    assert scalars["sensitivity/net.2.bias[1]/nonfinite"][0].value == 10
+    assert scalars["sensitivity/net.2.bias[1]/mean"][0].value == pytest.approx(0.5)
+
+
+def test_reverse_method_and_chunking_in_the_trainer(tmp_path):
+    val = physics_data(20, seed=13)
+    results = {}
+    for name, kwargs in {"forward": {}, "reverse": {"method": "reverse"}, "chunked": {"chunk_size": 1}}.items():
+        model = Physics()
+        torch.manual_seed(0)
+        model.load_state_dict(Physics().state_dict())
+        t = L.Trainer(
+            logger=L.pytorch.loggers.TensorBoardLogger(tmp_path / name),
+            callbacks=[SensitivityMonitor(targets=["C", "net.0.weight[2, 1]"], **kwargs)],
+            enable_progress_bar=False,
+        )
+        t.validate(model, DataLoader(val, batch_size=6))
+        results[name] = read_events(t.logger.log_dir)[0]
+    for tag in results["forward"]:
+        a = results["forward"][tag][0].histogram_value
+        for other in ("reverse", "chunked"):
+            b = results[other][tag][0].histogram_value
+            assert (a.num, list(a.bucket)) == (b.num, list(b.bucket))
+            assert b.sum == pytest.approx(a.sum, rel=1e-5, abs=1e-7)
+
+
+def test_model_on_a_float64_module(tmp_path):
+    model = Physics().double()
+    val = physics_data(9, seed=14)
+    val.tensors = tuple(t.double() for t in val.tensors)
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C"]))
+    t.validate(model, DataLoader(val, batch_size=4))
+    (event,) = read_events(t.logger.log_dir)[0]["sensitivity/C"]
+    assert_histogram(event, expected_stats(val.tensors[0][:, :1].expand(-1, 3)), rel=1e-12)
+    assert isinstance(model.C, nn.Parameter) and model.C.dtype == torch.float64
