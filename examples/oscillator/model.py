@@ -43,7 +43,9 @@ class DampedOscillator(L.LightningModule):
         dt: integration time step.
         steps: number of integration steps (length of a trajectory).
         hidden: width of the correction network.
-        lr: Adam learning rate.
+        lr_physics: AdamW learning rate of ``k`` and ``c``.
+        lr_network: AdamW learning rate of the correction network.
+        weight_decay: weight decay of the correction network, which keeps it from absorbing ``k x`` and ``c v``.
     """
 
     def __init__(
@@ -54,7 +56,9 @@ class DampedOscillator(L.LightningModule):
         dt: float = 0.1,
         steps: int = 40,
         hidden: int = 16,
-        lr: float = 0.05,
+        lr_physics: float = 0.3,
+        lr_network: float = 0.003,
+        weight_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,7 +89,13 @@ class DampedOscillator(L.LightningModule):
         self.log_dict({"k": self.k, "c": self.c})
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        h = self.hparams
+        return torch.optim.AdamW(
+            [
+                {"params": [self.k, self.c], "lr": h.lr_physics, "weight_decay": 0.0},
+                {"params": self.correction.parameters(), "lr": h.lr_network, "weight_decay": h.weight_decay},
+            ]
+        )
 
 
 class OscillatorData(L.LightningDataModule):

@@ -46,8 +46,8 @@ class SensitivityCLI(LightningCLI):
         model, data = self.model, self.datamodule
         print()
         print(
-            f"Fitted constants: k = {float(model.k):.4f} (true {data.hparams.k}), "
-            f"c = {float(model.c):.4f} (true {data.hparams.c})"
+            f"Fitted constants: k = {model.k.item():.4f} (true {data.hparams.k}), "
+            f"c = {model.c.item():.4f} (true {data.hparams.c})"
         )
         print("Per-sample sensitivities d(position)/d(target), last validation epoch:")
         print(sensitivity_table(trainer) if monitors else "(no SensitivityMonitor configured)")
