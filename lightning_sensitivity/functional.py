@@ -5,34 +5,29 @@ This module knows nothing about Lightning. Shapes, with ``B`` samples and ``K`` 
     args -> module -> y [B, *out]
     per_sample_sensitivities(...)[target] [B, *out] = d y / d target
 
-Forward mode pushes one tangent per target through the module (``torch.func.jvp``); several targets are
-pushed together with ``torch.func.vmap`` over one-hot tangents, ``chunk_size`` at a time, for about
-``1 + K`` forward passes in all. Where an op has no forward-mode formula, ``method="auto"`` falls back to
-reverse mode, batched over chunks of output elements.
+Forward mode pushes one tangent per target through the module: dual numbers for one target, and
+``torch.func.vmap`` over ``torch.func.jvp`` with one-hot tangents for several, ``chunk_size`` at a time, for
+about ``1 + K`` forward passes in all. Where an op has no forward-mode formula, ``method="auto"`` falls back
+to reverse mode, batched over chunks of output elements. This file decides which way to go and remembers it
+per module; ``_modes.py`` holds the ways.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call
 
+from lightning_sensitivity._modes import Call, forward, forward_ad_kernels, reverse
 from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_tensors
 
 Method = Literal["auto", "forward", "reverse"]
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
-
-#: Elements of the one-hot cotangent block the reverse-mode fallback builds at once, by default.
-_REVERSE_BLOCK_ELEMENTS = 2**22
-_REVERSE_MAX_CHUNK = 256
 
 # Messages of errors that mean "this op or function has no forward-mode (or vmap) rule".
 _UNSUPPORTED_MARKERS = (
@@ -54,7 +49,6 @@ class _Plan:
     safe_kernels: bool = False
     vectorise: bool = True
     reverse: bool = False
-    warned: bool = False
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -170,13 +164,17 @@ def compute_sensitivities(
         module = _Bound(module, function)
         resolved = [replace(t, name=f"{_Bound.PREFIX}{t.name}") for t in resolved]
     tensors = target_tensors(module, resolved)
+
+    def make_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return _module_call(module, args, kwargs, api)
+
     if method == "reverse":
-        return _reverse(module, resolved, tensors, args, kwargs, chunk_size, api)
+        return reverse(module, make_call, resolved, tensors, args, kwargs, chunk_size)
 
     while not plan.reverse:
         try:
-            with _forward_ad_kernels(plan.safe_kernels):
-                return _forward(module, resolved, tensors, args, kwargs, chunk_size, plan.vectorise, api)
+            with forward_ad_kernels(plan.safe_kernels):
+                return forward(module, make_call(args, kwargs), resolved, tensors, chunk_size, plan.vectorise)
         except (NotImplementedError, RuntimeError) as error:
             if not _is_unsupported(error):
                 raise
@@ -198,7 +196,7 @@ def compute_sensitivities(
                     UserWarning,
                     stacklevel=2,
                 )
-    return _reverse(module, resolved, tensors, args, kwargs, chunk_size, api)
+    return reverse(module, make_call, resolved, tensors, args, kwargs, chunk_size)
 
 
 class _Bound(nn.Module):
@@ -241,36 +239,6 @@ def _mentions_vmap(error: BaseException) -> bool:
     return "vmap" in message or "batching rule" in message or "batched" in message
 
 
-@contextlib.contextmanager
-def _forward_ad_kernels(enabled: bool) -> Iterator[None]:
-    """Steer ops away from fused CPU kernels that have no forward-mode formula, restoring every flag after.
-
-    ``nn.LSTM`` (oneDNN RNN kernel), the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path
-    (taken when grad is off) and the fused attention kernels of ``scaled_dot_product_attention`` all compute
-    the same result through composite ops, which forward mode can differentiate.
-    """
-    if not enabled:
-        yield
-        return
-    mkldnn = torch.backends.mkldnn
-    params = inspect.signature(mkldnn.flags).parameters
-    current = {k: getattr(mkldnn, k) for k in ("deterministic", "allow_tf32", "fp32_precision") if k in params}
-    mha = torch.backends.mha
-    fastpath = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        with mkldnn.flags(enabled=False, **current), _math_attention():
-            yield
-    finally:
-        mha.set_fastpath_enabled(fastpath)
-
-
-def _math_attention() -> contextlib.AbstractContextManager[None]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def _module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], api: str) -> Callable[..., Tensor]:
     name = _describe(module)
 
@@ -290,112 +258,3 @@ def _module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         return out
 
     return call
-
-
-def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies of the module's buffers (but those in ``skip``), so that an in-place update inside the forward
-    call, such as BatchNorm's running statistics in training mode, leaves the module as it was."""
-    return {name: buf.clone() for name, buf in module.named_buffers() if name not in skip}
-
-
-def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
-    """Tangents ``{name: [len(part), *shape]}`` (``batched``) or ``{name: shape}``: one 1 per target."""
-    tangents = {name: torch.zeros((len(part), *t.shape), dtype=t.dtype, device=t.device) for name, t in tensors.items()}
-    for j, target in enumerate(part):
-        tangents[target.name][(j, *target.index)] = 1
-    return tangents if batched else {name: t[0] for name, t in tangents.items()}
-
-
-def _forward(
-    module: nn.Module,
-    resolved: Sequence[ResolvedTarget],
-    tensors: dict[str, Tensor],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    chunk_size: int | None,
-    vectorise: bool,
-    api: str,
-) -> dict[str, Tensor]:
-    call = _module_call(module, args, kwargs, api)
-    targets = {name: tensor.detach() for name, tensor in tensors.items()}
-
-    def tangent_of_output(tangent: dict[str, Tensor]) -> Tensor:
-        # Buffers are copied inside the transform: a transform forbids in-place updates of captured tensors.
-        return jvp(lambda t: call({**_private_buffers(module, t), **t}), (targets,), (tangent,))[1]
-
-    step = len(resolved) if chunk_size is None else chunk_size
-    step = step if vectorise else 1
-    out: dict[str, Tensor] = {}
-    for start in range(0, len(resolved), step):
-        part = resolved[start : start + step]
-        if len(part) == 1:
-            columns = tangent_of_output(_one_hot(part, tensors, batched=False)).unsqueeze(0)
-        else:
-            columns = vmap(tangent_of_output)(_one_hot(part, tensors, batched=True))
-        for target, column in zip(part, columns, strict=True):
-            out[target.label] = column.detach()
-    return out
-
-
-def _writable(value: Any) -> Any:
-    """Ordinary copies of inference tensors inside ``value`` (tuples, lists and dicts are walked), so that
-    autograd may save them for backward."""
-    if isinstance(value, Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, (list, tuple)):
-        items = [_writable(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((k, _writable(v)) for k, v in value.items())
-    return value
-
-
-def _reverse(
-    module: nn.Module,
-    resolved: Sequence[ResolvedTarget],
-    tensors: dict[str, Tensor],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    chunk_size: int | None,
-    api: str,
-) -> dict[str, Tensor]:
-    with torch.inference_mode(False), torch.enable_grad(), _forward_ad_kernels(True):
-        leaves = {name: _writable(tensor.detach()).requires_grad_(True) for name, tensor in tensors.items()}
-        call = _module_call(module, _writable(args), _writable(kwargs), api)
-        output = call({**_writable(_private_buffers(module, leaves)), **leaves})
-        flat = output.reshape(-1)
-        n = flat.numel()
-        names = list(leaves)
-        columns: dict[str, list[Tensor]] = {t.label: [] for t in resolved}
-        if flat.requires_grad:
-            step = chunk_size or max(1, min(_REVERSE_MAX_CHUNK, _REVERSE_BLOCK_ELEMENTS // max(n, 1)))
-            for start in range(0, n, step):
-                rows = torch.arange(start, min(start + step, n), device=flat.device)
-                cotangents = torch.zeros((len(rows), n), dtype=flat.dtype, device=flat.device)
-                cotangents[torch.arange(len(rows), device=flat.device), rows] = 1
-                grads = _batched_vjp(flat, [leaves[name] for name in names], cotangents)
-                for target in resolved:
-                    grad = grads[names.index(target.name)]
-                    if grad is None:
-                        grad = torch.zeros((len(rows),), dtype=flat.dtype, device=flat.device)
-                    else:
-                        grad = grad[(slice(None), *target.index)].to(flat.dtype)
-                    columns[target.label].append(grad)
-    if not flat.requires_grad:  # the output depends on no target
-        return {t.label: torch.zeros_like(output).detach() for t in resolved}
-    return {label: torch.cat(parts).reshape(output.shape).detach() for label, parts in columns.items()}
-
-
-def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:
-    """Vector-Jacobian products for every row of ``cotangents`` ``[C, N]`` -> grads ``[C, *input.shape]``."""
-    try:
-        return list(
-            torch.autograd.grad(output, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        )
-    except RuntimeError:
-        # A backward formula without a batching rule: one backward pass per row, the slow but sure way.
-        rows = [torch.autograd.grad(output, inputs, row, retain_graph=True, allow_unused=True) for row in cotangents]
-        return [
-            None if rows[0][i] is None else torch.stack([r[i] for r in rows])  # type: ignore[misc]
-            for i in range(len(inputs))
-        ]

@@ -61,6 +61,17 @@ def test_zoo_matches_loop_reference(zoo_case, mode, reference):
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("targets", [["C"], ["C", "unused"]])
+def test_module_built_under_inference_mode(targets):
+    """Parameters that are inference tensors still carry tangents, by dual numbers (one target) or vmap."""
+    x = torch.arange(6.0)
+    with torch.inference_mode():
+        model = Scale(-5.0)
+        model.register_buffer("unused", torch.tensor(2.0))
+        sens = per_sample_sensitivities(model, targets, (x,))
+    assert torch.equal(sens["C"], x)
+
+
 def test_seed_problem_is_x():
     x = torch.arange(10.0)
     with torch.inference_mode():
@@ -245,18 +256,20 @@ FALLBACKS = {
 }
 
 
+@pytest.mark.parametrize("count", [1, 2], ids=["dual-numbers", "vmap"])
 @pytest.mark.parametrize("mode", sorted(GRAD_MODES))
 @pytest.mark.parametrize("name", sorted(FALLBACKS))
-def test_auto_falls_back_to_reverse_with_one_warning(name, mode, reference):
+def test_auto_falls_back_to_reverse_with_one_warning(name, mode, count, reference):
     torch.manual_seed(6)
     model = FALLBACKS[name]()
     targets = ["lin.weight[1, 2]", "lin.bias[0]"] if name != "cdist" else ["centres[2, 1]", "centres[0, 0]"]
+    targets = targets[:count]
     x = torch.randn(5, 3)
     before = snapshot(model)
     with GRAD_MODES[mode](), pytest.warns(UserWarning, match="falling back to batched reverse mode") as record:
         first = per_sample_sensitivities(model, targets, (x,))
-    assert len([w for w in record if "falling back" in str(w.message)]) == 1
-    assert type(model).__name__ in str(record[0].message)
+    messages = [str(w.message) for w in record if "falling back" in str(w.message)]
+    assert len(messages) == 1 and type(model).__name__ in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # once per module
         with GRAD_MODES[mode]():
@@ -357,3 +370,55 @@ def test_result_follows_output_dtype_and_model_is_copy_safe():
     model = Scale().double()
     sens = per_sample_sensitivities(copy.deepcopy(model), "C", (torch.ones(2, dtype=torch.float64),))
     assert sens["C"].dtype == torch.float64
+
+
+# ---- one element of a weight that F.linear uses: no dense one-hot product -----------------------------
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output projection, and a Linear applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.mix = nn.Linear(5, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)  # [B, T, 5]
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        return nn.functional.linear(h, self.embed.weight)  # [B, T, 7]
+
+
+@pytest.mark.parametrize("mode", sorted(GRAD_MODES))
+@pytest.mark.parametrize(
+    "label", ["0.weight[3, 1]", "2.weight[15, 0]", "4.weight[2, 15]", "4.weight[0, 0]"], ids=lambda s: s
+)
+def test_one_linear_weight_element_matches_the_loop(label, mode, reference):
+    torch.manual_seed(10)
+    model = ZOO["mlp"][0]().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with GRAD_MODES[mode]():
+        sens = per_sample_sensitivities(model, label, (x,))
+    torch.testing.assert_close(sens[label], reference(model, [label], (x,))[label], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("label", ["mix.weight[1, 4]", "embed.weight[2, 3]"])
+def test_linear_weight_used_twice_and_tied(label, reference):
+    torch.manual_seed(11)
+    model = Tied().double()
+    tokens = torch.randint(0, 7, (4, 3))
+    with torch.inference_mode():
+        sens = per_sample_sensitivities(model, label, (tokens,))
+        both = per_sample_sensitivities(model, [label, "mix.bias[0]"], (tokens,))  # the vmap path
+    expected = reference(model, [label], (tokens,))[label]
+    assert sens[label].shape == (4, 3, 7)
+    torch.testing.assert_close(sens[label], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(both[label], expected, rtol=0, atol=1e-12)
+
+
+def test_linear_weight_element_ignores_other_input_columns(reference):
+    """d (x W^T)[:, i] / d W[i, j] is x[:, j]: an infinite x[:, k] with k != j must not leak in as 0 * inf."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.tensor([[1.0, float("inf"), 2.0], [3.0, 4.0, 5.0]], dtype=torch.float64)
+    sens = per_sample_sensitivities(model, "0.weight[1, 2]", (x,))
+    assert torch.equal(sens["0.weight[1, 2]"], torch.tensor([[0.0, 2.0], [0.0, 5.0]], dtype=torch.float64))
