@@ -120,6 +120,8 @@ class SensitivityAggregator(Metric):
                 f"SensitivityAggregator.update: expected values of shape [{self.num_targets}, N]; "
                 f"got {tuple(values.shape)}."
             )
+        if values.shape[1] == 0:
+            return
         values = values.detach().to(torch.float64)
         finite = torch.isfinite(values)
         clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -176,6 +176,9 @@ class SensitivityMonitor(Callback):
         if self._active and self._aggregator is not None:
             self._aggregator.to(pl_module.device)
             self._aggregator.reset()
+            # Mark the metric updated on every rank, so that a rank without a single value of its own (all of
+            # its samples repeats of the sampler's padding, say) still joins the collective at epoch end.
+            self._aggregator.update(torch.empty(len(self._resolved), 0, device=pl_module.device))
 
     def _should_run(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
@@ -243,7 +246,7 @@ class SensitivityMonitor(Callback):
         )
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active or self._aggregator is None or not self._aggregator.update_called:
+        if not self._active or self._aggregator is None:
             return
         self._active = False
         summary = self._aggregator.compute()  # a collective under DDP: every rank calls it

@@ -35,6 +35,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
         "single": run(root / "single", 1, n_val),
         "ddp": run(root / "ddp", 2, n_val),
         "ddp-keep": run(root / "ddp-keep", 2, n_val, "--keep-duplicates"),
+        "ddp-one": run(root / "ddp-one", 2, 1),  # rank 1 holds nothing but a repeat of sample 0
     }
 
 
@@ -66,3 +67,11 @@ def test_ddp_padding_repeats_are_counted_when_asked(runs):
     padded = x[[*range(25), 0], :1].expand(-1, 3)  # the sampler's repeat of sample 0
     (first, _) = runs["ddp-keep"][0]["sensitivity/C"]
     assert_histogram(first, expected_stats(padded))
+
+
+def test_ddp_rank_without_samples_of_its_own_still_joins(runs):
+    x = data(1, 1).tensors[0]
+    events = runs["ddp-one"][0]["sensitivity/C"]
+    assert [e.step for e in events] == [2, 4]
+    for event in events:
+        assert_histogram(event, expected_stats(x[:, :1].expand(-1, 3)))
