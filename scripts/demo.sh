@@ -7,3 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-cli} . scripts/setup-env.sh
 python examples/oscillator/train.py fit --config examples/oscillator/config.yaml "$@"
+echo "(tensorboard is installed in $VENV: run 'source $VENV/bin/activate' first, or call $VENV/bin/tensorboard)"
