@@ -113,6 +113,18 @@ def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None
     return tuple(normalised)
 
 
+def target_list(targets: str | Sequence[str], api: str) -> list[str]:
+    """``targets`` as a non-empty list of strings (one string is a list of one), or a ``TypeError`` /
+    ``ValueError`` prefixed with ``api``."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"{api}: targets must be a string or a list of strings; got {targets!r}.")
+    if len(targets) == 0:
+        raise ValueError(f"{api}: targets is empty; name at least one parameter or buffer, such as ['C'].")
+    return list(targets)
+
+
 def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -> list[ResolvedTarget]:
     """Turn target strings into resolved targets, in the order given (globs in module order).
 
@@ -135,13 +147,7 @@ def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -
         >>> [t.label for t in resolve_targets(net, ["0.weight[1, -1]", "0.bias[0]"], "api")]
         ['0.weight[1, 2]', '0.bias[0]']
     """
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
-        raise TypeError(f"{api}: targets must be a string or a list of strings; got {targets!r}.")
-    if len(targets) == 0:
-        raise ValueError(f"{api}: targets is empty; name at least one parameter or buffer, such as ['C'].")
-
+    targets = target_list(targets, api)
     tensors = _named_tensors(module)
     names = list(tensors)
     owner = type(module).__name__

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from lightning_sensitivity._aggregate import SensitivityAggregator
-from lightning_sensitivity._targets import ResolvedTarget, resolve_targets
+from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_list
 from lightning_sensitivity.functional import Method, check_chunk_size, check_method, compute_sensitivities
 
 Reduction = Literal["none", "sum", "mean", "norm"]
@@ -89,12 +88,7 @@ class SensitivityMonitor(Callback):
         buckets_per_octave: int = 8,
         drop_padded_duplicates: bool = True,
     ) -> None:
-        if isinstance(targets, str):
-            targets = [targets]
-        if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"{_API}(targets=...): must be a list of strings; got {targets!r}.")
-        if len(targets) == 0:
-            raise ValueError(f"{_API}(targets=...): is empty; name at least one parameter or buffer, such as ['C'].")
+        targets = target_list(targets, f"{_API}(targets=...)")
         _check_positive("every_n_epochs", every_n_epochs)
         _check_positive("buckets_per_octave", buckets_per_octave)
         if max_batches is not None:
@@ -106,7 +100,7 @@ class SensitivityMonitor(Callback):
         check_chunk_size(chunk_size, f"{_API}(chunk_size=...)")
         if dataloaders is not None and not all(isinstance(i, int) and i >= 0 for i in dataloaders):
             raise ValueError(f"{_API}(dataloaders=...): must be a list of non-negative indices; got {dataloaders!r}.")
-        self.targets = list(targets)
+        self.targets = targets
         self.every_n_epochs = every_n_epochs
         self.max_batches = max_batches
         self.reduction = reduction
