@@ -149,6 +149,23 @@ class Encoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=mask).mean(1)
 
 
+class Adaptive(nn.Module):
+    """Explicit Euler for ``x' = -k x - c x^3`` with data-dependent control flow (``vmap`` cannot batch it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(2.0))
+        self.c = nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps = int(10 * self.k.item())  # a Python number from a parameter
+        for _ in range(steps):
+            x = x + 0.05 * (-self.k * x - self.c * x**3)
+            if x.abs().max() > 100:  # data-dependent control flow
+                break
+        return x
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
@@ -206,6 +223,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], list[str], li
         ["k", "c", "m", "F"],
         ["k", "c", "m", "F"],
     ),
+    "adaptive-ode": (Adaptive, lambda: (torch.randn(5, 2),), ["k", "c"], ["k", "c"]),
     "glob": (
         Blocks,
         lambda: (torch.randn(5, 4),),

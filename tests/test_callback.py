@@ -368,3 +368,17 @@ def test_bad_arguments_name_the_argument(kwargs, name):
 
 def test_state_key_tells_two_monitors_apart():
     assert SensitivityMonitor(["C"]).state_key != SensitivityMonitor(["C", "net.0.bias[0]"]).state_key
+
+
+class PerLoader(Physics):
+    def sensitivity_step(self, batch, batch_idx, dataloader_idx):
+        return self(batch[0])[:, 0] * (dataloader_idx + 1)
+
+
+def test_sensitivity_step_receives_dataloader_idx(tmp_path):
+    a, b = physics_data(10, seed=15), physics_data(6, seed=16)
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C"]))
+    t.fit(PerLoader(), DataLoader(physics_data(8), batch_size=8), [DataLoader(a, batch_size=4), DataLoader(b)])
+    expected = torch.cat([a.tensors[0][:, 0], 2 * b.tensors[0][:, 0]])  # d (y * (idx + 1)) / dC
+    (event,) = read_events(t.logger.log_dir)[0]["sensitivity/C"]
+    assert_histogram(event, expected_stats(expected))
