@@ -207,22 +207,13 @@ class SineOldStyle(torch.autograd.Function):
         return grad * x.cos()
 
 
-class SineJvpNoVmap(torch.autograd.Function):
-    """A custom Function with a jvp but no vmap rule: forward mode works one tangent at a time."""
-
-    @staticmethod
-    def forward(x):
-        return x.sin()
+class SineJvpNoVmap(SineNoJvp):
+    """The same with a jvp but no vmap rule: forward mode works one tangent at a time."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
         ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * x.cos()
 
     @staticmethod
     def jvp(ctx, tangent):
