@@ -5,6 +5,8 @@ State per target (``K`` targets, ``NB`` buckets)::
     count, nonfinite [K] int64      sum, abs_sum, sum_squares [K] float64      min, max [K] float64
     buckets [K, NB] int64
 
+(``dtype=torch.float32`` makes the float64 states float32, for devices without float64 such as MPS.)
+
 Memory is fixed by ``K`` and ``NB``, not by the number of samples. Bucket edges do not depend on the data
 (logarithmic on each side of zero with a fixed relative width, as in DDSketch and HdrHistogram, plus a
 bucket for zero), so the states of several processes merge by a plain sum; torchmetrics does that sync.
@@ -50,6 +52,7 @@ class SensitivityAggregator(Metric):
         num_targets: ``K``, the number of rows.
         buckets_per_octave: buckets per factor of two on each side of zero; a bucket spans a relative width
             of ``2 ** (1 / buckets_per_octave)``.
+        dtype: dtype of the sums, min and max.
 
     Example:
         >>> agg = SensitivityAggregator(num_targets=1, buckets_per_octave=1)
@@ -76,7 +79,9 @@ class SensitivityAggregator(Metric):
     max: Tensor
     buckets: Tensor
 
-    def __init__(self, num_targets: int, buckets_per_octave: int = 8, **kwargs) -> None:
+    def __init__(
+        self, num_targets: int, buckets_per_octave: int = 8, dtype: torch.dtype = torch.float64, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if num_targets < 1:
             raise ValueError(f"SensitivityAggregator: num_targets must be positive; got {num_targets}.")
@@ -89,16 +94,16 @@ class SensitivityAggregator(Metric):
         k = num_targets
         self.add_state("count", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("nonfinite", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("sum", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("abs_sum", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_squares", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("min", torch.full((k,), math.inf, dtype=torch.float64), dist_reduce_fx="min")
-        self.add_state("max", torch.full((k,), -math.inf, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("sum", torch.zeros(k, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("abs_sum", torch.zeros(k, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("sum_squares", torch.zeros(k, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("min", torch.full((k,), math.inf, dtype=dtype), dist_reduce_fx="min")
+        self.add_state("max", torch.full((k,), -math.inf, dtype=dtype), dist_reduce_fx="max")
         self.add_state("buckets", torch.zeros(k, 2 * self.side + 1, dtype=torch.long), dist_reduce_fx="sum")
 
     def bucket_index(self, values: Tensor) -> Tensor:
         """Bucket of each finite value (same shape, int64): negative side, then zero, then positive side."""
-        magnitude = values.abs().to(torch.float64)
+        magnitude = values.abs().to(self.sum.dtype)
         exponent = torch.floor(torch.log2(magnitude) * self.buckets_per_octave)
         low = -EXPONENT_RANGE * self.buckets_per_octave
         offset = (exponent.clamp(low, -low - 1) - low).long()  # 0 .. side-1, larger magnitudes further out
@@ -122,7 +127,7 @@ class SensitivityAggregator(Metric):
             )
         if values.shape[1] == 0:
             return
-        values = values.detach().to(torch.float64)
+        values = values.detach().to(self.sum.dtype)
         finite = torch.isfinite(values)
         clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype, device=values.device))
         self.count += finite.sum(1)
@@ -140,7 +145,7 @@ class SensitivityAggregator(Metric):
         on the metric's device: the state's fields plus ``mean``, ``std`` (with Bessel's correction, as
         ``torch.std``) and ``abs_mean``; NaN where a target has no finite value. Under DDP every rank must call
         it; the reduced state lives only in what it returns."""
-        n = self.count.to(torch.float64)
+        n = self.count.to(self.sum.dtype)
         mean = self.sum / n
         var = ((self.sum_squares - self.sum * mean) / (n - 1)).clamp_min(0)
         state = {name: getattr(self, name) for name in _STATE}

@@ -149,7 +149,7 @@ class SensitivityMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._resolved = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)")
-        self._aggregator = SensitivityAggregator(len(self._resolved), self.buckets_per_octave)
+        self._aggregator = None  # made at the first validation epoch, on the module's device
         self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if self.log_histograms and self._tensorboard is None:
             rank_zero_warn(
@@ -167,7 +167,10 @@ class SensitivityMonitor(Callback):
         self._dry_run = trainer.sanity_checking and not self._active
         self._batches, self._samples = {}, {}
         self._originals = _original_samples(trainer) if self.drop_padded_duplicates else {}
-        if self._active and self._aggregator is not None:
+        if self._active:
+            if self._aggregator is None:
+                dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
+                self._aggregator = SensitivityAggregator(len(self._resolved), self.buckets_per_octave, dtype=dtype)
             self._aggregator.to(pl_module.device)
             self._aggregator.reset()
             # Mark the metric updated on every rank, so that a rank without a single value of its own (all of

@@ -382,3 +382,15 @@ def test_sensitivity_step_receives_dataloader_idx(tmp_path):
     expected = torch.cat([a.tensors[0][:, 0], 2 * b.tensors[0][:, 0]])  # d (y * (idx + 1)) / dC
     (event,) = read_events(t.logger.log_dir)[0]["sensitivity/C"]
     assert_histogram(event, expected_stats(expected))
+
+
+def test_aggregator_in_float32_for_devices_without_float64():
+    from lightning_sensitivity._aggregate import SensitivityAggregator
+
+    values = torch.tensor([[0.5, -2.0, 3.0, float("inf"), 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    agg = SensitivityAggregator(num_targets=2, dtype=torch.float32)
+    agg.update(values)
+    assert agg.sum.dtype == torch.float32 and agg.count.dtype == torch.long
+    first, second = agg.histograms()
+    assert (first.num, first.nonfinite, first.sum, first.sum_squares, first.min, first.max) == (4, 1, 1.5, 13.25, -2, 3)
+    assert (second.num, second.sum, sum(second.bucket_counts)) == (5, 5.0, 5)
