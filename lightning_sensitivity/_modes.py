@@ -115,9 +115,11 @@ def _tangent_by_dual_numbers(
     """
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad), fwAD.dual_level():
-        tangent = _one_hot([target], tensors, batched=False)
-        duals = {name: fwAD.make_dual(_writable(t.detach()), tangent[name]) for name, t in tensors.items()}
-        dual = duals[target.name]
+        # Only the target's tensor becomes dual: other targets' tensors would carry zero tangents through
+        # every op for nothing.
+        (tangent,) = _one_hot([target], {target.name: tensors[target.name]}, batched=False).values()
+        dual = fwAD.make_dual(_writable(tensors[target.name].detach()), tangent)
+        duals = {target.name: dual}
         linear = _OneHotLinear(dual, target.index) if dual.dim() == 2 else contextlib.nullcontext()
         with linear:
             output = call({**_private_buffers(module, duals), **duals})
@@ -182,7 +184,7 @@ def reverse(
     with torch.inference_mode(False), torch.enable_grad(), forward_ad_kernels(True):
         leaves = {name: _writable(tensor.detach()).requires_grad_(True) for name, tensor in tensors.items()}
         call = make_call(_writable(args), _writable(kwargs))
-        output = call({**_writable(_private_buffers(module, leaves)), **leaves})
+        output = call({**_private_buffers(module, leaves), **leaves})  # copies made here are ordinary tensors
         flat = output.reshape(-1)
         n = flat.numel()
         names = list(leaves)
