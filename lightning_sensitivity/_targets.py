@@ -4,6 +4,10 @@ A target names one scalar inside a module: a parameter or buffer holding one ele
 element of a larger tensor (``"net.0.weight[3, -1]"``), or a glob (``"blocks.*.alpha"``) that expands,
 in module order, to every matching name. Every error about a bad target is raised here, with the
 target's text, what was wrong and how to fix it.
+
+Names are those of ``module.named_parameters()`` and ``module.named_buffers()``, with two aliases: a tied
+tensor may be named by any of its names (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), and a
+submodule wrapped by ``torch.compile`` may be named without its ``_orig_mod.`` segment.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 _TARGET_RE = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<index>[^\[\]]*)\])?\s*$")
 _GLOB_CHARS = frozenset("*?")
+_COMPILED = "_orig_mod."
+
+
+class LazyTargetError(ValueError):
+    """A target names a parameter or buffer of a lazy module (``nn.LazyLinear``) that is not materialised yet."""
 
 
 @dataclass(frozen=True)
@@ -25,9 +35,11 @@ class ResolvedTarget:
     """One scalar inside a module.
 
     Attributes:
-        name: name of the parameter or buffer, as in ``module.named_parameters()``.
+        name: name of the parameter or buffer, as in ``module.named_parameters()`` (for a tied tensor, the
+            first of its names there).
         index: index of the element inside that tensor, non-negative, one entry per dimension.
-        label: canonical text, ``name`` or ``name[i, j]``; the key of every result.
+        label: canonical text, ``name`` or ``name[i, j]`` with the name as given (a tied tensor keeps the name
+            the user chose) less any ``_orig_mod.`` segment of ``torch.compile``; the key of every result.
         text: the target text the user gave (a glob keeps the glob's text).
     """
 
@@ -67,9 +79,28 @@ def _parse(text: str, api: str) -> tuple[str, tuple[int, ...] | None]:
 
 
 def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer by its first name, in module order (tied tensors once)."""
     tensors: dict[str, Tensor] = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     return tensors
+
+
+def _display(name: str) -> str:
+    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
+    return name.replace(_COMPILED, "")
+
+
+def _aliases(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Every name a user may write -> the first name of that tensor: tied names (``remove_duplicate=False``)
+    and names without ``_orig_mod.``."""
+    first = {id(t): name for name, t in tensors.items()}
+    every = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    aliases = {}
+    for name, tensor in every:
+        canonical = first.get(id(tensor), name)
+        aliases.setdefault(name, canonical)
+        aliases.setdefault(_display(name), canonical)
+    return aliases
 
 
 def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[int, ...] | None) -> str:
@@ -82,6 +113,12 @@ def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[int, 
 
 def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None, api: str) -> tuple[int, ...]:
     """Check one (name, index) pair against its tensor and return the index, non-negative."""
+    if is_lazy(tensor):
+        raise LazyTargetError(
+            f"{api}: target {text!r} names {name!r}, an uninitialized parameter or buffer of a lazy module "
+            "(such as nn.LazyLinear); run the module once on an input to materialise it before asking for its "
+            "sensitivities."
+        )
     if not tensor.is_floating_point():
         raise TypeError(
             f"{api}: target {text!r} names {name!r}, a tensor of dtype {tensor.dtype}; derivatives exist "
@@ -97,6 +134,11 @@ def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None
             )
         return tuple(0 for _ in shape)
     if len(index) != len(shape):
+        if not shape:
+            raise IndexError(
+                f"{api}: target {text!r} indexes {name!r}, which is 0-dimensional (a single number); "
+                f"write {name!r} without an index."
+            )
         raise IndexError(
             f"{api}: target {text!r} gives {len(index)} index(es), but {name!r} has {len(shape)} "
             f"dimension(s) (shape {shape}); give one index per dimension, such as "
@@ -149,34 +191,36 @@ def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -
     """
     targets = target_list(targets, api)
     tensors = _named_tensors(module)
-    names = list(tensors)
+    aliases = _aliases(module, tensors)
+    shown = {_display(n): n for n in tensors}  # what globs match and suggestions offer, in module order
     owner = type(module).__name__
     resolved: list[ResolvedTarget] = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, tuple[int, ...]], tuple[str, str]] = {}
     for text in targets:
-        name, index = _parse(text, api)
-        if _GLOB_CHARS & set(name):
-            matches = [n for n in names if fnmatch.fnmatchcase(n, name)]
+        given, index = _parse(text, api)
+        if _GLOB_CHARS & set(given):
+            matches = [(d, n) for d, n in shown.items() if any(fnmatch.fnmatchcase(x, given) for x in (d, n))]
             if not matches:
                 raise ValueError(
                     f"{api}: target {text!r} matches no parameter or buffer of {owner}"
-                    + _suggest(text, name, names, index)
+                    + _suggest(text, given, list(shown), index)
                 )
-        elif name in tensors:
-            matches = [name]
+        elif given in aliases:
+            matches = [(_display(given), aliases[given])]
         else:
             raise ValueError(
-                f"{api}: {text!r} is not a parameter or buffer of {owner}" + _suggest(text, name, names, index)
+                f"{api}: {text!r} is not a parameter or buffer of {owner}" + _suggest(text, given, list(shown), index)
             )
-        for match in matches:
-            element = _element(text, match, tensors[match], index, api)
-            label = _label(match, element if index is not None else None)
-            if label in seen:
-                raise ValueError(
-                    f"{api}: targets {seen[label]!r} and {text!r} both name {label!r}; list each element once."
-                )
-            seen[label] = text
-            resolved.append(ResolvedTarget(name=match, index=element, label=label, text=text))
+        for display, name in matches:
+            element = _element(text, display, tensors[name], index, api)
+            label = _label(display, element if index is not None else None)
+            key = (name, element)
+            if key in seen:
+                first, first_label = seen[key]
+                same = repr(label) if first_label == label else f"{first_label!r} and {label!r}, one tied tensor"
+                raise ValueError(f"{api}: targets {first!r} and {text!r} both name {same}; list each element once.")
+            seen[key] = (text, label)
+            resolved.append(ResolvedTarget(name=name, index=element, label=label, text=text))
     return resolved
 
 

@@ -69,7 +69,7 @@ BAD = [
     ("fc.weight[2, 0]", IndexError, ["'fc.weight[2, 0]'", "out of range", "dimension 0", "-2..1"]),
     ("fc.weight[0, -4]", IndexError, ["'fc.weight[0, -4]'", "dimension 1", "-3..2"]),
     ("fc.weight[0]", IndexError, ["'fc.weight[0]'", "1 index", "2 dimension", "'fc.weight[0, 0]'"]),
-    ("C[0]", IndexError, ["'C[0]'", "0 dimension"]),
+    ("C[0]", IndexError, ["'C[0]'", "0-dimensional", "write 'C' without an index"]),
     ("steps", TypeError, ["'steps'", "torch.int64", "floating-point"]),
     ("fc.weight[a, 1]", ValueError, ["'fc.weight[a, 1]'", "integers"]),
     ("fc.weight[0]]", ValueError, ["'fc.weight[0]]'", "cannot parse"]),
