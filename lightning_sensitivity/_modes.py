@@ -1,67 +1,153 @@
-"""The two ways of computing sensitivities: forward mode (dual numbers, ``vmap`` over ``jvp``) and batched
-reverse mode, plus the kernel steering that lets forward mode through fused CPU kernels.
+"""The ways of computing sensitivities: forward mode (dual numbers, ``vmap`` over ``jvp``) and batched reverse
+mode, and :class:`Model`, what they evaluate.
 
-``call(tensors)`` evaluates the model with ``tensors`` (name -> tensor) in place of its own; targets are
-resolved beforehand. Nothing here decides between the two ways: ``functional.py`` does.
+Each way returns the sensitivities and the targets whose derivative the output did not carry at all (no
+tangent, no grad): zeros are given for those, and ``functional.py`` decides whether to believe them. Nothing
+here chooses between the ways.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import jvp, vmap
+from torch.func import functional_call, jvp, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels
 from lightning_sensitivity._targets import ResolvedTarget
-
-Call = Callable[[dict[str, Tensor]], Tensor]
 
 #: Elements of the one-hot cotangent block the reverse-mode fallback builds at once, by default.
 _REVERSE_BLOCK_ELEMENTS = 2**22
 _REVERSE_MAX_CHUNK = 256
+#: What ``torch.func.jvp(..., strict=True)`` says when the output carries no tangent at all.
+_INDEPENDENT = "independent of the inputs"
+
+Result = tuple[dict[str, Tensor], list[ResolvedTarget]]
 
 
-@contextlib.contextmanager
-def forward_ad_kernels(enabled: bool) -> Iterator[None]:
-    """Steer ops away from fused CPU kernels that have no forward-mode formula, restoring every flag after.
+class Model:
+    """``module(*args, **kwargs)``, or ``function(*args, **kwargs)`` for a method of ``module`` such as
+    ``sensitivity_step``, evaluated with some of the module's tensors replaced by name.
 
-    ``nn.LSTM`` (oneDNN RNN kernel), the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path
-    (taken when grad is off) and the fused attention kernels of ``scaled_dot_product_attention`` all compute
-    the same result through composite ops, which forward mode can differentiate.
+    Every evaluation runs on private copies of the module's buffers (an in-place update, such as BatchNorm's
+    running statistics in training mode, leaves the module as it was), runs ``torch.compile``'d code eagerly,
+    and, with ``running_stats``, computes evaluation-mode batch norm by elementary ops.
     """
-    if not enabled:
-        yield
-        return
-    mkldnn = torch.backends.mkldnn
-    params = inspect.signature(mkldnn.flags).parameters
-    current = {k: getattr(mkldnn, k) for k in ("deterministic", "allow_tf32", "fp32_precision") if k in params}
-    mha = torch.backends.mha
-    fastpath = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        with mkldnn.flags(enabled=False, **current), _math_attention():
-            yield
-    finally:
-        mha.set_fastpath_enabled(fastpath)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        function: Callable[..., Any] | None = None,
+        api: str = "per_sample_sensitivities",
+        running_stats: bool = False,
+    ) -> None:
+        self.module = module
+        self.args, self.kwargs = args, kwargs
+        self.running_stats = running_stats
+        self.runner = _Runner(module, function, api)
+        self.name = self.runner.name
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.module.parameters(), *self.module.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def __call__(
+        self,
+        tensors: dict[str, Tensor],
+        then: Callable[[Tensor], Any] | None = None,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """The output with ``tensors`` (name -> tensor) in place of the module's own; with ``then``,
+        ``then(output)``, evaluated while they are still in place (a backward pass that re-runs the module,
+        as adjoint ODE solvers do, must see them)."""
+        swapped = {
+            _Runner.PREFIX + name: tensor
+            for name, tensor in {**_private_buffers(self.module, tensors), **tensors}.items()
+        }
+        args = self.args if args is None else args
+        kwargs = self.kwargs if kwargs is None else kwargs
+        batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
+        self.runner.then = then
+        try:
+            with eager(), batch_norm:
+                return functional_call(self.runner, swapped, args, kwargs)
+        finally:
+            self.runner.then = None
 
 
-def _math_attention() -> contextlib.AbstractContextManager[None]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class _Runner(nn.Module):
+    """Calls the module (or ``function``), checks the output, and applies ``then``; holds the module as a
+    child so that ``functional_call`` swaps its tensors (named ``inner.<name>`` here)."""
 
-    return sdpa_kernel([SDPBackend.MATH])
+    PREFIX = "inner."
+
+    def __init__(self, module: nn.Module, function: Callable[..., Any] | None, api: str) -> None:
+        super().__init__()
+        self.inner = module
+        self.function = function
+        self.api = api
+        self.then: Callable[[Tensor], Any] | None = None
+        owner = type(module).__name__
+        self.name = owner if function is None else f"{owner}.{getattr(function, '__name__', 'function')}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs) if self.function is None else self.function(*args, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{self.api}: {self.name} returned {type(out).__name__}, but sensitivities need one tensor whose "
+                "first dimension is the sample; return a tensor, or wrap the model in a function that picks one."
+            )
+        if out.dim() == 0:
+            raise ValueError(
+                f"{self.api}: {self.name} returned a 0-dim tensor; the output needs a first dimension that indexes "
+                "samples."
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"{self.api}: {self.name} returned a tensor of dtype {out.dtype}, which has no derivative.")
+        return out if self.then is None else self.then(out)
 
 
 def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies of the module's buffers (but those in ``skip``), so that an in-place update inside the forward
-    call, such as BatchNorm's running statistics in training mode, leaves the module as it was."""
+    """Copies of the module's buffers (but those in ``skip``)."""
     return {name: buf.clone() for name, buf in module.named_buffers() if name not in skip}
+
+
+class RandomState:
+    """The random number generators' state (CPU and ``device``'s) at construction, to evaluate a model several
+    times under the same dropout masks. Reading it costs no device synchronisation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.accelerator = getattr(torch, device.type, None) if device.type != "cpu" else None
+        if self.accelerator is not None and not hasattr(self.accelerator, "get_rng_state"):
+            self.accelerator = None
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.state = None if self.accelerator is None else self._get()
+
+    def _get(self) -> Tensor:
+        assert self.accelerator is not None
+        if self.device.index is None:
+            return self.accelerator.get_rng_state()
+        return self.accelerator.get_rng_state(self.device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            if self.device.index is None:
+                self.accelerator.set_rng_state(self.state)
+            else:
+                self.accelerator.set_rng_state(self.state, self.device)
 
 
 def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
@@ -73,58 +159,76 @@ def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched
 
 
 def forward(
-    module: nn.Module,
-    call: Call,
+    model: Model,
     resolved: Sequence[ResolvedTarget],
     tensors: dict[str, Tensor],
     chunk_size: int | None,
     vectorise: bool,
-) -> dict[str, Tensor]:
+) -> Result:
     """Forward mode: one target by dual numbers; several by ``vmap`` over ``jvp``, ``chunk_size`` at a time
-    (one tangent at a time when not ``vectorise``)."""
+    (one tangent at a time when not ``vectorise``). Every chunk sees the same random numbers (dropout masks),
+    those of a single evaluation."""
     targets = {name: tensor.detach() for name, tensor in tensors.items()}
 
     def tangent_of_output(tangent: dict[str, Tensor]) -> Tensor:
-        # Buffers are copied inside the transform: a transform forbids in-place updates of captured tensors.
-        return jvp(lambda t: call({**_private_buffers(module, t), **t}), (targets,), (tangent,))[1]
+        return jvp(model, (targets,), (tangent,), strict=True)[1]
 
     step = len(resolved) if chunk_size is None else chunk_size
     step = step if vectorise else 1
+    chunks = [resolved[start : start + step] for start in range(0, len(resolved), step)]
+    rng = RandomState(model.device) if len(chunks) > 1 else None
     out: dict[str, Tensor] = {}
-    for start in range(0, len(resolved), step):
-        part = resolved[start : start + step]
+    missing: list[ResolvedTarget] = []
+    for part in chunks:
+        if rng is not None:
+            rng.restore()
+        columns: Tensor | None
         if len(part) == 1:
-            columns = _tangent_by_dual_numbers(module, call, tensors, part[0]).unsqueeze(0)
+            output, column = _tangent_by_dual_numbers(model, tensors, part[0])
+            columns = None if column is None else column.unsqueeze(0)
         else:
-            columns = vmap(tangent_of_output)(_one_hot(part, tensors, batched=True))
+            try:
+                columns = vmap(tangent_of_output, randomness="same")(_one_hot(part, tensors, batched=True))
+            except RuntimeError as error:
+                if _INDEPENDENT not in str(error):
+                    raise
+                with torch.no_grad():
+                    output, columns = model(targets), None
+        if columns is None:  # no tangent reached the output: zeros, to be confirmed by the caller
+            missing.extend(part)
+            columns = torch.zeros_like(output).unsqueeze(0).expand(len(part), *output.shape)
         for target, column in zip(part, columns, strict=True):
             out[target.label] = column.detach()
-    return out
+    return out, missing
 
 
 def _tangent_by_dual_numbers(
-    module: nn.Module, call: Call, tensors: dict[str, Tensor], target: ResolvedTarget
-) -> Tensor:
+    model: Model, tensors: dict[str, Tensor], target: ResolvedTarget
+) -> tuple[Tensor, Tensor | None]:
     """The tangent of the output along one target, pushed with plain dual numbers
     (``torch.autograd.forward_ad``): the formulas of ``torch.func.jvp`` without its wrapping, and, for an
-    element of a weight that ``F.linear`` uses, without the dense product by a one-hot matrix.
+    element of a weight that ``F.linear`` uses, without the dense product by a one-hot matrix. Returns the
+    output and its tangent, ``None`` when the output carries none.
 
     Dual numbers silently lose their tangent under inference mode (as do dual numbers made of inference
-    tensors), so inference mode is left for the call, and primals and tangents are made outside it; grad stays
-    off, as the caller asked. Inference tensors among the inputs are only read.
+    tensors), so inference mode is left for the call, and primals, tangents and inputs are made outside it
+    (ordinary copies of inference tensors, which the model may then update in place); grad stays off, as the
+    caller asked. The dual tensor requires grad, like the parameter it replaces: code that keeps only
+    tensors with ``requires_grad`` (adjoint ODE solvers) must not drop it.
     """
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-    with torch.inference_mode(False), torch.set_grad_enabled(grad), fwAD.dual_level():
+    with torch.inference_mode(False), fwAD.dual_level():
         # Only the target's tensor becomes dual: other targets' tensors would carry zero tangents through
         # every op for nothing.
         (tangent,) = _one_hot([target], {target.name: tensors[target.name]}, batched=False).values()
-        dual = fwAD.make_dual(_writable(tensors[target.name].detach()), tangent)
-        duals = {target.name: dual}
+        with torch.enable_grad():
+            leaf = _writable(tensors[target.name].detach()).requires_grad_(True)
+            dual = fwAD.make_dual(leaf, tangent)
         linear = _OneHotLinear(dual, target.index) if dual.dim() == 2 else contextlib.nullcontext()
-        with linear:
-            output = call({**_private_buffers(module, duals), **duals})
-        out_tangent = fwAD.unpack_dual(output).tangent
-    return torch.zeros_like(output) if out_tangent is None else out_tangent
+        with torch.set_grad_enabled(grad), linear:
+            output = model({target.name: dual}, args=_writable(model.args), kwargs=_writable(model.kwargs))
+        primal, out_tangent = fwAD.unpack_dual(output)
+    return primal, out_tangent
 
 
 class _OneHotLinear(TorchFunctionMode):
@@ -141,7 +245,7 @@ class _OneHotLinear(TorchFunctionMode):
         self.primal = fwAD.unpack_dual(weight).primal
         self.row, self.col = index
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func is not F.linear:
             return func(*args, **kwargs)
@@ -158,7 +262,7 @@ class _OneHotLinear(TorchFunctionMode):
 
 def _writable(value: Any) -> Any:
     """Ordinary copies of inference tensors inside ``value`` (tuples, lists and dicts are walked), so that
-    autograd may save them for backward."""
+    autograd may save them for backward and the model may update them in place outside inference mode."""
     if isinstance(value, Tensor):
         return value.clone() if value.is_inference() else value
     if isinstance(value, (list, tuple)):
@@ -170,42 +274,45 @@ def _writable(value: Any) -> Any:
 
 
 def reverse(
-    module: nn.Module,
-    make_call: Callable[[tuple[Any, ...], dict[str, Any]], Call],
-    resolved: Sequence[ResolvedTarget],
-    tensors: dict[str, Tensor],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    chunk_size: int | None,
-) -> dict[str, Tensor]:
+    model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor], chunk_size: int | None
+) -> Result:
     """Reverse mode, batched over blocks of ``chunk_size`` output elements: one vector-Jacobian product per
     output element, vectorised with ``is_grads_batched``. Runs with grad on and out of inference mode, on
-    ordinary copies of inference tensors (autograd cannot save those)."""
-    with torch.inference_mode(False), torch.enable_grad(), forward_ad_kernels(True):
-        leaves = {name: _writable(tensor.detach()).requires_grad_(True) for name, tensor in tensors.items()}
-        call = make_call(_writable(args), _writable(kwargs))
-        output = call({**_private_buffers(module, leaves), **leaves})  # copies made here are ordinary tensors
+    ordinary copies of inference tensors (autograd cannot save those), and differentiates while the targets'
+    leaves are still in place in the module."""
+    names = list(tensors)
+
+    def backward(output: Tensor) -> tuple[Tensor, list[list[Tensor | None]] | None]:
         flat = output.reshape(-1)
         n = flat.numel()
-        names = list(leaves)
-        columns: dict[str, list[Tensor]] = {t.label: [] for t in resolved}
-        if flat.requires_grad:
-            step = chunk_size or max(1, min(_REVERSE_MAX_CHUNK, _REVERSE_BLOCK_ELEMENTS // max(n, 1)))
-            for start in range(0, n, step):
-                rows = torch.arange(start, min(start + step, n), device=flat.device)
-                cotangents = torch.zeros((len(rows), n), dtype=flat.dtype, device=flat.device)
-                cotangents[torch.arange(len(rows), device=flat.device), rows] = 1
-                grads = _batched_vjp(flat, [leaves[name] for name in names], cotangents)
-                for target in resolved:
-                    grad = grads[names.index(target.name)]
-                    if grad is None:
-                        grad = torch.zeros((len(rows),), dtype=flat.dtype, device=flat.device)
-                    else:
-                        grad = grad[(slice(None), *target.index)].to(flat.dtype)
-                    columns[target.label].append(grad)
-    if not flat.requires_grad:  # the output depends on no target
-        return {t.label: torch.zeros_like(output).detach() for t in resolved}
-    return {label: torch.cat(parts).reshape(output.shape).detach() for label, parts in columns.items()}
+        if not flat.requires_grad:  # no target reaches the output
+            return output, None
+        step = chunk_size or max(1, min(_REVERSE_MAX_CHUNK, _REVERSE_BLOCK_ELEMENTS // max(n, 1)))
+        blocks = []
+        for start in range(0, n, step):
+            rows = torch.arange(start, min(start + step, n), device=flat.device)
+            cotangents = torch.zeros((len(rows), n), dtype=flat.dtype, device=flat.device)
+            cotangents[torch.arange(len(rows), device=flat.device), rows] = 1
+            blocks.append(_batched_vjp(flat, [leaves[name] for name in names], cotangents))
+        return output, blocks
+
+    with torch.inference_mode(False), torch.enable_grad(), forward_ad_kernels(True, rnn=False):
+        leaves = {name: _writable(tensor.detach()).requires_grad_(True) for name, tensor in tensors.items()}
+        output, blocks = model(leaves, then=backward, args=_writable(model.args), kwargs=_writable(model.kwargs))
+    output = output.detach()
+    out: dict[str, Tensor] = {}
+    missing: list[ResolvedTarget] = []
+    for target in resolved:
+        k = names.index(target.name)
+        if blocks is None or any(block[k] is None for block in blocks):
+            missing.append(target)
+            out[target.label] = torch.zeros_like(output)
+        elif not blocks:  # an empty output
+            out[target.label] = torch.zeros_like(output)
+        else:
+            parts = [block[k][(slice(None), *target.index)] for block in blocks]  # type: ignore[index]
+            out[target.label] = torch.cat(parts).to(output.dtype).reshape(output.shape)
+    return out, missing
 
 
 def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:

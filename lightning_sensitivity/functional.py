@@ -14,17 +14,28 @@ per module; ``_modes.py`` holds the ways.
 
 from __future__ import annotations
 
+import linecache
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lightning_sensitivity._modes import Call, forward, forward_ad_kernels, reverse
+import lightning_sensitivity
+from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
+from lightning_sensitivity._modes import Model, Result, forward, reverse
 from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_tensors
+from lightning_sensitivity._verify import (
+    _LIKELY_CAUSES,
+    FiniteDifferences,
+    Mismatch,
+    SensitivityCheckError,
+    mismatch_message,
+)
 
 Method = Literal["auto", "forward", "reverse"]
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
@@ -42,13 +53,20 @@ _UNSUPPORTED_MARKERS = (
 )
 
 
+#: Code of these packages is never "the line of the model that called the op" in messages.
+_LIBRARY_ROOTS = tuple(os.path.dirname(p.__file__ or "") + os.sep for p in (torch, lightning_sensitivity))
+
+
 @dataclass
 class _Plan:
     """What worked for a module, remembered across calls so that failed attempts are paid once."""
 
+    rnn: bool = False
     safe_kernels: bool = False
     vectorise: bool = True
     reverse: bool = False
+    #: labels of targets whose missing derivative finite differences confirmed (the output does not move)
+    independent: set[str] = field(default_factory=set)
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -62,6 +80,7 @@ def per_sample_sensitivities(
     *,
     method: Method = "auto",
     chunk_size: int | None = None,
+    verify: bool = False,
 ) -> dict[str, Tensor]:
     """Derivative of every output element of ``module(*args, **kwargs)`` with respect to each target.
 
@@ -83,6 +102,8 @@ def per_sample_sensitivities(
         chunk_size: how many tangents (forward) or output elements (reverse) are pushed through at once;
             memory grows with it. ``None``: all targets at once in forward mode, and a block of at most
             256 output elements in reverse mode.
+        verify: also compare the result with central finite differences (about two more forward passes per
+            target) and raise :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree.
 
     Returns:
         A dict from each target's canonical label (``name`` or ``name[i, j]``, negative indices made
@@ -92,6 +113,8 @@ def per_sample_sensitivities(
         TypeError: the output is not a floating-point tensor, or a target is not floating point.
         ValueError: a bad target, ``method`` or ``chunk_size``; an output without a sample dimension.
         IndexError: a target's index is out of range or of the wrong rank.
+        SensitivityCheckError: with ``verify``, AD and finite differences disagree; always, when the output
+            moves with a target whose derivative no AD mode carries (it would otherwise be reported as zero).
 
     Example:
         The seed problem, ``y = C * x``, whose derivative with respect to ``C`` is ``x``:
@@ -123,7 +146,19 @@ def per_sample_sensitivities(
     check_method(method, api)
     check_chunk_size(chunk_size, api)
     resolved = resolve_targets(module, targets, api)
-    return compute_sensitivities(module, resolved, args, kwargs, method=method, chunk_size=chunk_size, api=api)
+    on_check = _raise_on_mismatch(api) if verify else None
+    return compute_sensitivities(
+        module, resolved, args, kwargs, method=method, chunk_size=chunk_size, api=api, on_check=on_check
+    )
+
+
+def _raise_on_mismatch(api: str) -> Callable[[list[Mismatch]], None]:
+    def on_check(mismatches: list[Mismatch]) -> None:
+        if mismatches:
+            hint = "Fix the model, or leave verify=False to accept these values."
+            raise SensitivityCheckError(mismatch_message(api, mismatches, "on this batch", hint), mismatches)
+
+    return on_check
 
 
 def check_method(method: str, api: str) -> None:
@@ -148,83 +183,159 @@ def compute_sensitivities(
     chunk_size: int | None = None,
     function: Callable[..., Any] | None = None,
     api: str = "per_sample_sensitivities",
+    on_check: Callable[[list[Mismatch]], None] | None = None,
 ) -> dict[str, Tensor]:
     """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
 
     With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
     differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
+    With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
+    targets that disagree (an empty list when all agree).
     """
     if isinstance(args, Tensor):
         args = (args,)
     elif not isinstance(args, tuple):
         args = tuple(args)
     kwargs = {} if kwargs is None else kwargs
-    plan = _PLANS.setdefault(module, _Plan())
-    if function is not None:
-        module = _Bound(module, function)
-        resolved = [replace(t, name=f"{_Bound.PREFIX}{t.name}") for t in resolved]
+    plan = _PLANS.setdefault(module, _Plan(rnn=has_rnn(module)))
+    model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
+    checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
+    sens = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+    if checker is not None and on_check is not None:
+        on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
+    return sens
 
-    def make_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return _module_call(module, args, kwargs, api)
 
-    if method == "reverse":
-        return reverse(module, make_call, resolved, tensors, args, kwargs, chunk_size)
+def _differentiate(
+    model: Model,
+    plan: _Plan,
+    resolved: Sequence[ResolvedTarget],
+    tensors: dict[str, Tensor],
+    method: Method,
+    chunk_size: int | None,
+    api: str,
+) -> dict[str, Tensor]:
+    """Forward mode with its fallbacks, then reverse mode where forward mode cannot go; zeros where a
+    derivative never reached the output only once finite differences confirm that the output does not move."""
+    if method != "reverse" and not plan.reverse:
+        result = _forward(model, plan, resolved, tensors, method, chunk_size, api)
+        if result is not None:
+            sens, missing = result
+            lost = _lost(model, plan, tensors, missing, sens)
+            if not lost:
+                return sens
+            if method == "forward":
+                raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", "Use method='auto'."))
+            plan.reverse = True
+            warnings.warn(
+                f"{api}: {_lost_message(api, model, lost, 'forward-mode AD', '')[len(api) + 2 :]}"
+                "Falling back to batched reverse mode, which costs a backward pass per chunk of output elements; "
+                "pass method='reverse' to skip the forward attempt.",
+                UserWarning,
+                stacklevel=4,
+            )
+    sens, missing = reverse(model, resolved, tensors, chunk_size)
+    lost = _lost(model, plan, tensors, missing, sens)
+    if lost:
+        raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
+    return sens
 
-    while not plan.reverse:
+
+def _forward(
+    model: Model,
+    plan: _Plan,
+    resolved: Sequence[ResolvedTarget],
+    tensors: dict[str, Tensor],
+    method: Method,
+    chunk_size: int | None,
+    api: str,
+) -> Result | None:
+    """Forward mode, stepping down (steered kernels, one tangent at a time) as ops refuse; ``None`` where
+    reverse mode must take over (``method="auto"`` only), after one warning per module naming the op."""
+    while True:
         try:
-            with forward_ad_kernels(plan.safe_kernels):
-                return forward(module, make_call(args, kwargs), resolved, tensors, chunk_size, plan.vectorise)
+            with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
+                return forward(model, resolved, tensors, chunk_size, plan.vectorise)
         except (NotImplementedError, RuntimeError) as error:
             if not _is_unsupported(error):
                 raise
             if not plan.safe_kernels:
-                plan.safe_kernels = True  # fused CPU kernels first: their composite versions have formulas
-            elif plan.vectorise and len(resolved) > 1 and _mentions_vmap(error):
-                plan.vectorise = False  # an op with a jvp but no vmap rule: one tangent at a time
+                plan.safe_kernels = True  # fused kernels first: their composite versions have formulas
+            elif plan.vectorise and len(resolved) > 1:
+                # torch.func refuses more than dual numbers do (an op without a vmap rule, a custom Function
+                # without setup_context, requires_grad_ inside the model): one tangent at a time first
+                plan.vectorise = False
             elif method == "forward":
                 raise RuntimeError(
-                    f"{api}: forward-mode AD is not available for an op in {_describe(module)}: "
-                    f"{_first_line(error)} Use method='auto' to fall back to reverse mode, or method='reverse'."
+                    f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}. "
+                    "Use method='auto' to fall back to reverse mode, or method='reverse'."
                 ) from error
             else:
                 plan.reverse = True
                 warnings.warn(
-                    f"{api}: forward-mode AD is not available for an op in {_describe(module)} "
-                    f"({_first_line(error)}); falling back to batched reverse mode, which costs a backward "
-                    "pass per chunk of output elements. Pass method='reverse' to skip the forward attempt.",
+                    f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}; "
+                    "falling back to batched reverse mode, which costs a backward pass per chunk of output "
+                    "elements. Pass method='reverse' to skip the forward attempt.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=5,
                 )
-    return reverse(module, make_call, resolved, tensors, args, kwargs, chunk_size)
+                return None
 
 
-class _Bound(nn.Module):
-    """Calls ``function`` in place of ``forward``, holding the function's module as a child so that
-    ``functional_call`` swaps that module's tensors (named ``inner.<name>`` here)."""
-
-    PREFIX = "inner."
-
-    def __init__(self, module: nn.Module, function: Callable[..., Any]):
-        super().__init__()
-        self.inner = module
-        self.function = function
-        self.training = module.training
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(*args, **kwargs)
-
-
-def _describe(module: nn.Module) -> str:
-    """The name of what is differentiated, for messages: ``Net`` or ``Net.sensitivity_step``."""
-    if isinstance(module, _Bound):
-        return f"{type(module.inner).__name__}.{getattr(module.function, '__name__', 'function')}"
-    return type(module).__name__
+def _lost(
+    model: Model, plan: _Plan, tensors: dict[str, Tensor], missing: list[ResolvedTarget], sens: dict[str, Tensor]
+) -> list[tuple[ResolvedTarget, Tensor]]:
+    """The ``missing`` targets (no derivative reached the output) that the output moves with nonetheless,
+    by central finite differences, with those differences; the others are remembered as independent."""
+    todo = [t for t in missing if t.label not in plan.independent]
+    if not todo:
+        return []
+    differences = FiniteDifferences(model, tensors)
+    lost = []
+    for target in todo:
+        moved = differences.depends(target, sens[target.label].dtype)
+        if moved is None:
+            plan.independent.add(target.label)
+        else:
+            lost.append((target, moved))
+    return lost
 
 
-def _first_line(error: BaseException) -> str:
+def _lost_message(api: str, model: Model, lost: list[tuple[ResolvedTarget, Tensor]], mode: str, hint: str) -> str:
+    listed = ", ".join(
+        f"{t.label!r} (central differences of norm {float(torch.linalg.vector_norm(fd)):.3g})" for t, fd in lost
+    )
+    return (
+        f"{api}: the output of {model.name} moves with {listed}, but no derivative along it reached the output "
+        f"in {mode}; it would have been reported as zero. {_LIKELY_CAUSES} {hint}".rstrip()
+        + " "
+    )
+
+
+def _culprit(error: BaseException) -> str:
+    """The op that refused, as precisely as the error tells: torch's message, the custom ``autograd.Function``
+    it came from, and the line of the model's code that called it."""
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    parts = [text[0] if text else type(error).__name__]
+    function, site = None, None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            function = cls
+        filename = frame.f_code.co_filename
+        if not any(filename.startswith(root) for root in _LIBRARY_ROOTS):
+            site = f"{filename}:{tb.tb_lineno}"
+            line = linecache.getline(filename, tb.tb_lineno).strip()
+            site = f"`{line}` ({site})" if line else site
+        tb = tb.tb_next
+    if function is not None:
+        parts.append(f"custom autograd.Function {function.__module__}.{function.__qualname__}")
+    if site is not None:
+        parts.append(f"called at {site}")
+    return "; ".join(parts)
 
 
 def _is_unsupported(error: BaseException) -> bool:
@@ -232,29 +343,3 @@ def _is_unsupported(error: BaseException) -> bool:
         return True
     message = str(error).lower()
     return any(marker in message for marker in _UNSUPPORTED_MARKERS)
-
-
-def _mentions_vmap(error: BaseException) -> bool:
-    message = str(error).lower()
-    return "vmap" in message or "batching rule" in message or "batched" in message
-
-
-def _module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], api: str) -> Callable[..., Tensor]:
-    name = _describe(module)
-
-    def call(tensors: dict[str, Tensor]) -> Tensor:
-        out = functional_call(module, tensors, args, kwargs)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"{api}: {name} returned {type(out).__name__}, but sensitivities need one tensor whose first "
-                "dimension is the sample; return a tensor, or wrap the model in a function that picks one."
-            )
-        if out.dim() == 0:
-            raise ValueError(
-                f"{api}: {name} returned a 0-dim tensor; the output needs a first dimension that indexes samples."
-            )
-        if not out.is_floating_point():
-            raise TypeError(f"{api}: {name} returned a tensor of dtype {out.dtype}, which has no derivative.")
-        return out
-
-    return call

@@ -25,7 +25,8 @@ def loop_reference(module: nn.Module, labels: list[str], args: tuple, kwargs: di
         name, raw = match.group("name"), match.group("index")
         index = tuple(int(i) for i in raw.split(",")) if raw else None
         clone = copy.deepcopy(module)
-        tensor = dict([*clone.named_parameters(), *clone.named_buffers()])[name]
+        named = [*clone.named_parameters(remove_duplicate=False), *clone.named_buffers(remove_duplicate=False)]
+        tensor = dict(named)[name]
         with torch.enable_grad():
             tensor.requires_grad_(True)
             out = clone(*args, **kwargs)

@@ -1,0 +1,135 @@
+"""Contexts that make a module's ops differentiable, and exactly so, while the engine runs it.
+
+- :func:`forward_ad_kernels` steers ops away from fused kernels that have no forward-mode formula (oneDNN
+  and cuDNN RNN kernels, the attention fast paths, fused SDPA kernels), restoring every flag after.
+- :func:`eager` runs ``torch.compile``'d code eagerly: a compiled region can drop a tangent without a word.
+- :class:`BatchNormByOps` computes an evaluation-mode batch norm by elementary ops, so that its running
+  statistics carry a derivative (torch's own formulas treat them as constants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from lightning_sensitivity._targets import ResolvedTarget
+
+_RUNNING_STATS = ("running_mean", "running_var")
+
+
+def _current(flags: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The present values of the settings that ``flags(...)`` would otherwise reset to its defaults."""
+    params = inspect.signature(flags.flags).parameters
+    return {name: getattr(flags, name) for name in names if name in params and hasattr(flags, name)}
+
+
+@contextlib.contextmanager
+def forward_ad_kernels(enabled: bool, rnn: bool = True) -> Iterator[None]:
+    """Steer ops away from fused kernels that have no forward-mode formula, restoring every flag after.
+
+    With ``rnn``, oneDNN (CPU) and cuDNN (CUDA) are turned off, whose RNN kernels (``nn.LSTM``, ``nn.GRU``) have
+    no forward-mode formula; only modules holding an RNN need that, since it also slows convolutions. Always:
+    the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path (taken when grad is off) and the
+    fused kernels of ``scaled_dot_product_attention`` give way to composite ops, which forward mode can
+    differentiate.
+    """
+    if not enabled:
+        yield
+        return
+    mha = torch.backends.mha
+    fastpath = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        with contextlib.ExitStack() as stack:
+            if rnn:
+                mkldnn, cudnn = torch.backends.mkldnn, torch.backends.cudnn
+                stack.enter_context(
+                    mkldnn.flags(enabled=False, **_current(mkldnn, ("deterministic", "allow_tf32", "fp32_precision")))
+                )
+                names = ("benchmark", "benchmark_limit", "deterministic", "allow_tf32", "fp32_precision")
+                stack.enter_context(cudnn.flags(enabled=False, **_current(cudnn, names)))
+            stack.enter_context(_math_attention())
+            yield
+    finally:
+        mha.set_fastpath_enabled(fastpath)
+
+
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def has_rnn(module: nn.Module) -> bool:
+    """Whether ``module`` holds an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``."""
+    return any(isinstance(m, nn.RNNBase) for m in module.modules())
+
+
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """Run ``torch.compile``'d modules and functions eagerly (their original Python code) while active.
+
+    Inside a compiled region a forward-mode tangent can be dropped without an error, and every new batch shape
+    or dual tensor would cost a compilation; the eager code computes the same function.
+    """
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process (and importing costs seconds)
+        return contextlib.nullcontext()
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # torch < 2.6: no compiled code can be told to run eagerly; run it as it is
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
+def running_statistics(module: nn.Module, resolved: Sequence[ResolvedTarget], api: str) -> bool:
+    """Whether a target is a running statistic of a batch-norm layer; a ``ValueError`` if that layer is in
+    training mode, where it normalises with the batch's statistics and its output does not depend on them."""
+    found = False
+    for target in resolved:
+        owner_name, _, attr = target.name.rpartition(".")
+        if attr not in _RUNNING_STATS:
+            continue
+        owner = module.get_submodule(owner_name)
+        if not isinstance(owner, _BatchNorm):
+            continue
+        if owner.training:
+            raise ValueError(
+                f"{api}: target {target.label!r} is a running statistic of {type(owner).__name__} "
+                f"{owner_name!r}, which is in training mode: it normalises with each batch's own statistics, so "
+                "the output does not depend on its running statistics. Call .eval() on the model (Lightning's "
+                "validation does) to differentiate through the running statistics."
+            )
+        found = True
+    return found
+
+
+class BatchNormByOps(TorchFunctionMode):
+    """While active, ``F.batch_norm`` in evaluation mode is computed as
+    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` by elementary ops, so forward and reverse
+    mode both differentiate it with respect to the running statistics. Other calls pass through unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        params = dict(zip(names, args, strict=False)) | kwargs
+        mean, var = params.get("running_mean"), params.get("running_var")
+        if params.get("training", False) or mean is None or var is None:
+            return func(*args, **kwargs)
+        x: Tensor = params["input"]
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # broadcast over channels, dimension 1
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + params.get("eps", 1e-5))
+        if params.get("weight") is not None:
+            y = y * params["weight"].reshape(shape)
+        if params.get("bias") is not None:
+            y = y + params["bias"].reshape(shape)
+        return y

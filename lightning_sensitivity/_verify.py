@@ -1,0 +1,181 @@
+"""Finite differences as a check on automatic differentiation.
+
+An AD result can be wrong without an error: an op torch marks non-differentiable gives a zero tangent, a
+custom ``autograd.Function`` that captures a parameter (instead of taking it as an input) hides it, reentrant
+checkpointing drops tangents. Central differences see the function itself. For each target ``θ`` the model
+is evaluated at ``θ - h`` and ``θ + h`` (and once at ``θ``), under the random state of the AD evaluation
+(same dropout masks), with the module untouched; then, per output element, the AD value is compared with the
+closest of the central, forward and backward differences (a ReLU kink or a step in ``[θ - h, θ + h]`` spoils
+at most one side), an element's rounding noise ``~ eps |y| / h`` is forgiven, and what is left is compared
+with the AD values in a norm over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sensitivity._modes import Model, RandomState
+from lightning_sensitivity._targets import ResolvedTarget
+
+#: Rounding noise forgiven per output element, in units of ``eps * |y| / h``: an output of a deep network
+#: carries more than one rounding.
+NOISE = 16.0
+
+_LIKELY_CAUSES = (
+    "Likely causes: a custom torch.autograd.Function without a jvp (or with a wrong one) that captures the "
+    "parameter instead of taking it as an input; reentrant checkpointing (torch.utils.checkpoint with "
+    "use_reentrant=True drops forward-mode tangents: use use_reentrant=False); an op torch marks "
+    "non-differentiable, such as torch.special.bessel_j0 and other special functions; a solver or library that "
+    "keeps only parameters with requires_grad=True; or an output that is not differentiable at this point "
+    "(a step, a quantiser with a straight-through gradient)."
+)
+
+
+class SensitivityCheckError(RuntimeError):
+    """Automatic differentiation and finite differences disagree, or the output depends on a target whose
+    derivative no AD mode carries.
+
+    Attributes:
+        mismatches: one :class:`Mismatch` per target that failed the check.
+    """
+
+    def __init__(self, message: str, mismatches: Sequence[Mismatch] = ()) -> None:
+        super().__init__(message)
+        self.mismatches = list(mismatches)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One target's check: the norms over the batch of the AD values, of the central differences, and of
+    what separates them beyond rounding noise; ``step`` is the realised ``(θ + h) - (θ - h)``."""
+
+    label: str
+    ad_norm: float
+    fd_norm: float
+    error_norm: float
+    step: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.label!r}: |AD| = {self.ad_norm:.3g}, |finite differences| = {self.fd_norm:.3g}, "
+            f"|difference| = {self.error_norm:.3g} (norms over the batch; step {self.step:.3g})"
+        )
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative disagreement, in the norm over the batch, beyond which the check fails."""
+    return 0.25 if torch.finfo(dtype).bits <= 16 else 0.1
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts walked) copied."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        items = [_cloned(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _cloned(v)) for k, v in value.items())
+    return value
+
+
+class FiniteDifferences:
+    """Evaluations of ``model`` with one element of one target's tensor moved, under the random state and on
+    copies of the inputs taken at construction (make it before the AD evaluation it is to check: the model
+    may update its inputs in place)."""
+
+    def __init__(self, model: Model, tensors: dict[str, Tensor]) -> None:
+        self.model = model
+        self.tensors = tensors
+        self.args, self.kwargs = _cloned(model.args), _cloned(model.kwargs)
+        self.rng = RandomState(model.device)
+        self._base: Tensor | None = None
+
+    def evaluate(self, replaced: dict[str, Tensor]) -> Tensor:
+        """The output, in float64, with ``replaced`` in place of the module's tensors."""
+        after = RandomState(self.model.device)
+        self.rng.restore()
+        try:
+            out = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
+        finally:
+            after.restore()
+        return out.detach().double()
+
+    def base(self) -> Tensor:
+        if self._base is None:
+            self._base = self.evaluate({})
+        return self._base
+
+    def moved(self, target: ResolvedTarget) -> tuple[Tensor, Tensor, float, float]:
+        """Outputs at ``θ - h`` and ``θ + h`` and the realised steps down and up."""
+        tensor = self.tensors[target.name].detach()
+        theta = float(tensor[target.index])
+        if not math.isfinite(theta):
+            nan = torch.full_like(self.base(), math.nan)
+            return nan, nan, math.nan, math.nan
+        h = torch.finfo(tensor.dtype).eps ** (1 / 3) * (abs(theta) if theta != 0 else 1.0)
+        for _ in range(64):  # a step that rounds to nothing (subnormal θ) grows until it is represented
+            down, up = tensor.clone(), tensor.clone()
+            down[target.index] = theta - h
+            up[target.index] = theta + h
+            step_down, step_up = theta - float(down[target.index]), float(up[target.index]) - theta
+            if step_down > 0 and step_up > 0:
+                break
+            h *= 2
+        y_down = self.evaluate({target.name: down})
+        y_up = self.evaluate({target.name: up})
+        return y_down, y_up, step_down, step_up
+
+    def check(self, target: ResolvedTarget, ad: Tensor) -> Mismatch | None:
+        """Compare ``ad`` (``[B, *out]``, the target's AD sensitivities) with finite differences; ``None`` when
+        they agree."""
+        y0 = self.base()
+        y_down, y_up, step_down, step_up = self.moved(target)
+        if not (step_down > 0 and step_up > 0):
+            return None  # a non-finite θ: nothing to compare
+        central = (y_up - y_down) / (step_up + step_down)
+        forward = (y_up - y0) / step_up
+        backward = (y0 - y_down) / step_down
+        a = ad.detach().double()
+        finite = torch.isfinite(a) & torch.isfinite(central) & torch.isfinite(forward) & torch.isfinite(backward)
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        a, central, forward, backward = (torch.where(finite, v, zero) for v in (a, central, forward, backward))
+        error = torch.stack([(a - central).abs(), (a - forward).abs(), (a - backward).abs()]).amin(0)
+        noise = _noise(ad.dtype, y0, y_down, y_up, step=min(step_down, step_up))
+        excess = torch.where(finite, (error - noise).clamp_min(0), zero)
+        ad_norm, fd_norm, error_norm = (float(torch.linalg.vector_norm(v)) for v in (a, central, excess))
+        dtype = min(ad.dtype, self.tensors[target.name].dtype, key=lambda d: torch.finfo(d).bits)
+        if error_norm > tolerance(dtype) * max(ad_norm, fd_norm):
+            return Mismatch(target.label, ad_norm, fd_norm, error_norm, step_down + step_up)
+        return None
+
+    def depends(self, target: ResolvedTarget, dtype: torch.dtype) -> Tensor | None:
+        """The central differences along ``target`` if the output (of ``dtype``) moves beyond rounding noise,
+        else ``None``."""
+        y_down, y_up, step_down, step_up = self.moved(target)
+        if not (step_down > 0 and step_up > 0):
+            return None
+        central = (y_up - y_down) / (step_down + step_up)
+        beyond = (central.abs() > _noise(dtype, y_down, y_up, step=step_down + step_up)) & torch.isfinite(central)
+        return central if bool(beyond.any()) else None
+
+
+def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:
+    """Per element, the rounding noise of a difference quotient of outputs of ``dtype`` over ``step``."""
+    magnitude = torch.stack([y.abs() for y in outputs]).amax(0)
+    return NOISE * torch.finfo(dtype).eps * magnitude / step
+
+
+def mismatch_message(api: str, mismatches: Sequence[Mismatch], where: str, hint: str) -> str:
+    """The text of a :class:`SensitivityCheckError`: the targets with their magnitudes, causes and what to do."""
+    listed = "; ".join(m.describe() for m in mismatches)
+    return (
+        f"{api}: automatic differentiation and central finite differences disagree {where} for "
+        f"{len(mismatches)} target(s): {listed}. {_LIKELY_CAUSES} {hint}"
+    )
