@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
+import warnings
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from lightning_sensitivity._aggregate import SensitivityAggregator
-from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_list
+from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
+from lightning_sensitivity._verify import Mismatch, SensitivityCheckError, mismatch_message
 from lightning_sensitivity.functional import Method, check_chunk_size, check_method, compute_sensitivities
 
 Reduction = Literal["none", "sum", "mean", "norm"]
+Verify = bool | Literal["error", "warn"]
 _REDUCTIONS = ("none", "sum", "mean", "norm")
+_VERIFY = (True, False, "error", "warn")
 _API = "SensitivityMonitor"
+_STATS = ("mean", "std", "abs_mean", "nonfinite")
 
 
 class SensitivityMonitor(Callback):
@@ -41,8 +47,8 @@ class SensitivityMonitor(Callback):
 
     Args:
         targets: parameters or buffers of the LightningModule: ``"C"`` (one element), ``"net.0.weight[3, 1]"``
-            (one element of a tensor), or a glob such as ``"blocks.*.alpha"``. Checked in ``setup``, before the
-            first training step.
+            (one element of a tensor), or a glob such as ``"blocks.*.alpha"``; one string or a list. Checked in
+            ``setup``, before the first training step (targets inside lazy modules, once they are materialised).
         every_n_epochs: run on validation epochs whose ``current_epoch + 1`` is a multiple of this
             (``trainer.validate`` always runs).
         max_batches: at most this many batches of each validation dataloader per epoch; ``None``: all.
@@ -51,6 +57,13 @@ class SensitivityMonitor(Callback):
         method: ``"auto"`` (forward mode, reverse-mode fallback where an op lacks a forward formula),
             ``"forward"`` or ``"reverse"``; see :func:`~lightning_sensitivity.per_sample_sensitivities`.
         chunk_size: how many targets are pushed through the model at once; ``None``: all.
+        verify: on the first batch it differentiates (the sanity check's, or the first validation batch when
+            there is none), also compute central finite differences for every target (about two forward passes
+            each, once per run) and compare. ``True`` / ``"error"``: raise
+            :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree, before the first
+            training step; ``"warn"``: warn once and go on; ``False``: no check.
+        prefix: the first part of every tag (``<prefix>/<target>``, ``<prefix>/<target>/mean``, ...). Two
+            monitors on one Trainer that watch the same target need different prefixes.
         log_sanity_check: also run during the sanity check before training (at ``global_step`` 0).
         dataloaders: indices of the validation dataloaders to use; ``None``: all.
         log_histograms: write the TensorBoard histograms.
@@ -65,8 +78,10 @@ class SensitivityMonitor(Callback):
 
     Example:
         >>> monitor = SensitivityMonitor(targets=["C", "net.0.weight[3, 1]"], every_n_epochs=2)
-        >>> monitor.targets, monitor.reduction
-        (['C', 'net.0.weight[3, 1]'], 'none')
+        >>> monitor.targets, monitor.reduction, monitor.verify
+        (['C', 'net.0.weight[3, 1]'], 'none', 'error')
+        >>> SensitivityMonitor(targets="C", verify="warn", prefix="sens_c").targets
+        ['C']
         >>> SensitivityMonitor(targets=["C"], every_n_epochs=0)
         Traceback (most recent call last):
         ...
@@ -75,13 +90,15 @@ class SensitivityMonitor(Callback):
 
     def __init__(
         self,
-        targets: list[str],
+        targets: str | list[str],
         *,
         every_n_epochs: int = 1,
         max_batches: int | None = None,
         reduction: Reduction = "none",
         method: Method = "auto",
         chunk_size: int | None = None,
+        verify: Verify = True,
+        prefix: str = "sensitivity",
         log_sanity_check: bool = False,
         dataloaders: list[int] | None = None,
         log_histograms: bool = True,
@@ -98,6 +115,13 @@ class SensitivityMonitor(Callback):
             raise ValueError(f"{_API}(reduction=...): must be one of {choices}; got {reduction!r}.")
         check_method(method, f"{_API}(method=...)")
         check_chunk_size(chunk_size, f"{_API}(chunk_size=...)")
+        if not any(verify is v for v in (True, False)) and verify not in ("error", "warn"):
+            raise ValueError(f"{_API}(verify=...): must be True, False, 'error' or 'warn'; got {verify!r}.")
+        if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/ "):
+            raise ValueError(
+                f"{_API}(prefix=...): must be a non-empty tag without leading or trailing '/' or spaces, such as "
+                f"'sensitivity'; got {prefix!r}."
+            )
         if dataloaders is not None and not all(isinstance(i, int) and i >= 0 for i in dataloaders):
             raise ValueError(f"{_API}(dataloaders=...): must be a list of non-negative indices; got {dataloaders!r}.")
         self.targets = targets
@@ -106,6 +130,9 @@ class SensitivityMonitor(Callback):
         self.reduction = reduction
         self.method = method
         self.chunk_size = chunk_size
+        #: ``"error"``, ``"warn"`` or ``False``
+        self.verify: Literal["error", "warn", False] = "error" if verify is True else verify
+        self.prefix = prefix
         self.log_sanity_check = log_sanity_check
         self.dataloaders = None if dataloaders is None else list(dataloaders)
         self.log_histograms = log_histograms
@@ -113,10 +140,12 @@ class SensitivityMonitor(Callback):
         self.drop_padded_duplicates = drop_padded_duplicates
 
         self._resolved: list[ResolvedTarget] = []
+        self._pending = False  # targets inside lazy modules: resolved at the first batch
         self._aggregator: SensitivityAggregator | None = None
-        self._tensorboard: TensorBoardLogger | None = None
+        self._histogram_writer: Any = None
         self._active = False
         self._dry_run = False
+        self._verified = False
         self._batches: dict[int, int] = {}
         self._samples: dict[int, int] = {}
         self._originals: dict[int, int] = {}
@@ -126,7 +155,22 @@ class SensitivityMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(targets=self.targets, reduction=self.reduction, dataloaders=self.dataloaders)
+        # Every argument: two monitors differing in any of them keep their own state in a checkpoint.
+        return self._generate_state_key(
+            targets=self.targets,
+            every_n_epochs=self.every_n_epochs,
+            max_batches=self.max_batches,
+            reduction=self.reduction,
+            method=self.method,
+            chunk_size=self.chunk_size,
+            verify=self.verify,
+            prefix=self.prefix,
+            log_sanity_check=self.log_sanity_check,
+            dataloaders=self.dataloaders,
+            log_histograms=self.log_histograms,
+            buckets_per_octave=self.buckets_per_octave,
+            drop_padded_duplicates=self.drop_padded_duplicates,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"labels": self.labels, "epochs_logged": self.epochs_logged}
@@ -148,15 +192,48 @@ class SensitivityMonitor(Callback):
     # ---- set-up ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._resolved = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)")
+        try:
+            self._resolved, self._pending = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)"), False
+        except LazyTargetError:
+            self._resolved, self._pending = [], True  # resolved once validation_step has materialised them
         self._aggregator = None  # made at the first validation epoch, on the module's device
-        self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if self.log_histograms and self._tensorboard is None:
+        self._verified = False
+        self._check_clashes(trainer)
+        self._histogram_writer = _histogram_writer(trainer.loggers)
+        if self.log_histograms and self._histogram_writer is None:
             rank_zero_warn(
                 f"{_API}: the Trainer has no TensorBoardLogger, so no sensitivity histograms are written; the "
                 "summary scalars still go to every logger. Add lightning.pytorch.loggers.TensorBoardLogger to "
                 "`Trainer(logger=...)`, or pass log_histograms=False to silence this warning."
             )
+
+    def _check_clashes(self, trainer: Trainer) -> None:
+        """Refuse a second monitor that would write the same tags (one of the two would be lost)."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, SensitivityMonitor) or other.prefix != self.prefix:
+                continue
+            shared = [label for label in self.labels if label in other.labels]
+            if shared:
+                raise ValueError(
+                    f"{_API}(prefix={self.prefix!r}): another SensitivityMonitor on this Trainer also watches "
+                    f"{shared[0]!r} under the same prefix, so both would write '{self.prefix}/{shared[0]}' at the "
+                    f"same steps and one would be lost. Give one of them its own prefix, such as "
+                    f"SensitivityMonitor(..., prefix='{self.prefix}_2')."
+                )
+
+    def _make_aggregator(self, trainer: Trainer, pl_module: LightningModule) -> SensitivityAggregator:
+        if self._aggregator is None:
+            dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
+            self._aggregator = SensitivityAggregator(
+                len(self._resolved),
+                self.buckets_per_octave,
+                dtype=dtype,
+                # Sync only when this Trainer runs several processes, not over a process group that an earlier
+                # run (a DDP fit in the same notebook) left behind.
+                distributed_available_fn=functools.partial(_several_processes, trainer),
+            )
+        self._aggregator.to(pl_module.device)
+        return self._aggregator
 
     # ---- validation --------------------------------------------------------------------------------------
 
@@ -167,20 +244,20 @@ class SensitivityMonitor(Callback):
         self._dry_run = trainer.sanity_checking and not self._active
         self._batches, self._samples = {}, {}
         self._originals = _original_samples(trainer) if self.drop_padded_duplicates else {}
-        if self._active:
-            if self._aggregator is None:
-                dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
-                self._aggregator = SensitivityAggregator(len(self._resolved), self.buckets_per_octave, dtype=dtype)
-            self._aggregator.to(pl_module.device)
-            self._aggregator.reset()
-            # Mark the metric updated on every rank, so that a rank without a single value of its own (all of
-            # its samples repeats of the sampler's padding, say) still joins the collective at epoch end.
-            self._aggregator.update(torch.empty(len(self._resolved), 0, device=pl_module.device))
+        if self._active and not self._pending:
+            self._start_epoch(trainer, pl_module)
+
+    def _start_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        aggregator = self._make_aggregator(trainer, pl_module)
+        aggregator.reset()
+        # Mark the metric updated on every rank, so that a rank without a single value of its own (all of its
+        # samples repeats of the sampler's padding, say) still joins the collective at epoch end.
+        aggregator.update(torch.empty(len(self._resolved), 0, device=pl_module.device))
 
     def _should_run(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
             return self.log_sanity_check
-        if trainer.state.fn == TrainerFn.VALIDATING:
+        if trainer.state.fn == "validate":
             return True
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
@@ -195,9 +272,11 @@ class SensitivityMonitor(Callback):
     ) -> None:
         if self.dataloaders is not None and dataloader_idx not in self.dataloaders:
             return
+        if (self._dry_run or self._active) and self._pending:
+            self._resolve_lazily(trainer, pl_module)
         if self._dry_run:
             self._dry_run = False
-            self._differentiate(trainer.lightning_module, batch, batch_idx, dataloader_idx)
+            self._differentiate(trainer, batch, batch_idx, dataloader_idx)
             return
         if not self._active or self._aggregator is None:
             return
@@ -205,8 +284,7 @@ class SensitivityMonitor(Callback):
         if self.max_batches is not None and seen >= self.max_batches:
             return
         self._batches[dataloader_idx] = seen + 1
-        module = trainer.lightning_module  # never a strategy wrapper
-        sens = self._differentiate(module, batch, batch_idx, dataloader_idx)
+        sens = self._differentiate(trainer, batch, batch_idx, dataloader_idx)
         first = next(iter(sens.values()))
         keep = first.shape[0]
         if dataloader_idx in self._originals:  # this rank's sampler repeats samples at its end
@@ -218,9 +296,22 @@ class SensitivityMonitor(Callback):
         values = torch.stack([_reduce(sens[t.label][:keep], self.reduction) for t in self._resolved])
         self._aggregator.update(values)
 
-    def _differentiate(
-        self, module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int
-    ) -> dict[str, Tensor]:
+    def _resolve_lazily(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Targets inside lazy modules, now that ``validation_step`` has run the model once."""
+        try:
+            self._resolved = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)")
+        except LazyTargetError as error:
+            raise LazyTargetError(
+                f"{error} The monitor resolves such targets after the first validation_step; this one is still "
+                "uninitialized then: make sure validation_step runs the module that holds it."
+            ) from None
+        self._pending = False
+        self._check_clashes(trainer)
+        if self._active:
+            self._start_epoch(trainer, pl_module)
+
+    def _differentiate(self, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> dict[str, Tensor]:
+        module = trainer.lightning_module  # never a strategy wrapper
         step = getattr(module, "sensitivity_step", None)
         function = None
         if callable(step):
@@ -238,9 +329,38 @@ class SensitivityMonitor(Callback):
                 f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} to return the output to "
                 "differentiate, shaped [samples, ...] (for example `return self(batch['x'])`)."
             )
+        if function is None:
+            _check_forward_takes(module, args)
+        on_check = None
+        if self.verify and not self._verified:
+            self._verified = True
+            on_check = functools.partial(self._on_check, trainer)
         return compute_sensitivities(
-            module, self._resolved, args, method=self.method, chunk_size=self.chunk_size, function=function, api=_API
+            module,
+            self._resolved,
+            args,
+            method=self.method,
+            chunk_size=self.chunk_size,
+            function=function,
+            api=_API,
+            on_check=on_check,
         )
+
+    def _on_check(self, trainer: Trainer, mismatches: list[Mismatch]) -> None:
+        """The verdict of the finite-difference check on this process's first batch; every process learns
+        whether any failed, so that they stop together."""
+        failed = trainer.strategy.reduce_boolean_decision(bool(mismatches), all=False)
+        if not failed:
+            return
+        hint = "Pass verify='warn' to log this and go on, or verify=False to skip the check."
+        if not mismatches:
+            message = f"{_API}: the finite-difference check failed on another process; see its error."
+        else:
+            message = mismatch_message(_API, mismatches, "on the first validation batch", hint)
+        if self.verify == "error":
+            raise SensitivityCheckError(message, mismatches)
+        if mismatches:
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active or self._aggregator is None:
@@ -248,10 +368,10 @@ class SensitivityMonitor(Callback):
         self._active = False
         summary = self._aggregator.compute()  # a collective under DDP: every rank calls it
         for k, target in enumerate(self._resolved):
-            for stat in ("mean", "std", "abs_mean", "nonfinite"):
+            for stat in _STATS:
                 value = summary[stat].reshape(-1)[k].float()  # torchmetrics squeezes one-element results
                 pl_module.log(
-                    f"sensitivity/{target.label}/{stat}",
+                    f"{self.prefix}/{target.label}/{stat}",
                     value,
                     on_step=False,
                     on_epoch=True,
@@ -273,12 +393,12 @@ class SensitivityMonitor(Callback):
                 self._warned_constant.add(target.label)
                 rank_zero_warn(
                     f"{_API}: every sensitivity to {target.label!r} is zero; the model's output does not seem to "
-                    "depend on it (or an op drops its derivative). Check the target name."
+                    "depend on it (finite differences agree). Check the target name."
                 )
-            if not self.log_histograms or self._tensorboard is None or hist.num == 0:
+            if not self.log_histograms or self._histogram_writer is None or hist.num == 0:
                 continue
-            self._tensorboard.experiment.add_histogram_raw(
-                f"sensitivity/{target.label}",
+            self._histogram_writer.add_histogram_raw(
+                f"{self.prefix}/{target.label}",
                 min=hist.min,
                 max=hist.max,
                 num=hist.num,
@@ -288,6 +408,40 @@ class SensitivityMonitor(Callback):
                 bucket_counts=hist.bucket_counts,
                 global_step=trainer.global_step,
             )
+
+
+def _several_processes(trainer: Trainer) -> bool:
+    return trainer.world_size > 1
+
+
+def _histogram_writer(loggers: list[Logger]) -> Any:
+    """The ``SummaryWriter`` of the first TensorBoard logger, of ``lightning.pytorch`` or of the standalone
+    ``pytorch_lightning`` package; ``None`` without one."""
+    kinds: list[type] = [TensorBoardLogger]
+    standalone = sys.modules.get("pytorch_lightning.loggers")
+    if standalone is not None:
+        kinds.append(standalone.TensorBoardLogger)
+    for logger in loggers:
+        if isinstance(logger, tuple(kinds)):
+            return logger.experiment
+    return None
+
+
+def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None:
+    """A ``TypeError`` that says to define ``sensitivity_step`` when ``forward`` cannot take ``args`` alone."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to read: let the call tell
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as error:
+        name = type(module).__name__
+        raise TypeError(
+            f"{_API}: {name}.forward{signature} cannot be called with the batch's first element alone ({error}). "
+            f"Define `sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
+            "shaped [samples, ...] (for example `x, t, y = batch; return self(x, t)`)."
+        ) from None
 
 
 def _original_samples(trainer: Trainer) -> dict[int, int]:

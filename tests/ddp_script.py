@@ -1,7 +1,9 @@
 """Fit a small model with SensitivityMonitor on 1 or 2 CPU processes; run by test_ddp.py in a subprocess.
 
-Usage: python tests/ddp_script.py OUT_DIR DEVICES N_VAL [--keep-duplicates]
-Lightning's DDP launcher starts the second process by running this same command again.
+Usage: python tests/ddp_script.py OUT_DIR DEVICES N_VAL [--keep-duplicates] [--then-single]
+Lightning's DDP launcher starts the second process by running this same command again. With --then-single,
+every process then validates on one device, as a notebook or sweep script would after a DDP fit, while the
+DDP run's process group is still alive; each writes under OUT_DIR/single_rank<r>.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, 3, generator=g))
 
 
-def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool) -> None:
+def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_single: bool) -> None:
     torch.manual_seed(0)
     monitor = SensitivityMonitor(["C", "net.0.weight[3, 1]"], drop_padded_duplicates=not keep_duplicates)
     trainer = L.Trainer(
@@ -59,8 +61,20 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool) -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(Physics(), DataLoader(data(16, 0), batch_size=4), DataLoader(data(n_val, 1), batch_size=4))
+    model = Physics()
+    trainer.fit(model, DataLoader(data(16, 0), batch_size=4), DataLoader(data(n_val, 1), batch_size=4))
+    if then_single:
+        rank = trainer.global_rank
+        single = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=TensorBoardLogger(out_dir, name=f"single_rank{rank}", version=""),
+            callbacks=[SensitivityMonitor(["C"])],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        single.validate(model, DataLoader(data(n_val, 1), batch_size=4))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "--keep-duplicates" in sys.argv)
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "--keep-duplicates" in sys.argv, "--then-single" in sys.argv)

@@ -310,7 +310,7 @@ def test_without_tensorboard_one_warning_and_scalars_still_logged(tmp_path, logg
         assert "sensitivity/C/abs_mean" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        SensitivityMonitor(targets=["C"], log_histograms=False).setup(t, Physics(), "fit")
+        SensitivityMonitor(targets=["C"], log_histograms=False, prefix="other").setup(t, Physics(), "fit")
 
 
 def test_reverse_fallback_inside_the_trainer(tmp_path):

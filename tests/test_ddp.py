@@ -24,7 +24,7 @@ def run(out_dir: Path, devices: int, n_val: int, *extra: str) -> tuple[dict, dic
         env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return read_events(out_dir)
+    return read_events(out_dir)  # the fit's events only: read_events does not descend into subdirectories
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,10 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     n_val = 25  # odd: DistributedSampler pads rank 1 with a repeat of sample 0
     return {
         "single": run(root / "single", 1, n_val),
-        "ddp": run(root / "ddp", 2, n_val),
+        "ddp": run(root / "ddp", 2, n_val, "--then-single"),
         "ddp-keep": run(root / "ddp-keep", 2, n_val, "--keep-duplicates"),
         "ddp-one": run(root / "ddp-one", 2, 1),  # rank 1 holds nothing but a repeat of sample 0
+        "ddp-dir": str(root / "ddp"),
     }
 
 
@@ -60,6 +61,14 @@ def test_ddp_histogram_covers_every_sample_exactly_once(runs):
         tag = f"sensitivity/C/{stat}"
         assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6, abs=1e-9)
     assert ddp_scalars["sensitivity/C/mean"][-1].value == pytest.approx(analytic["mean"], rel=1e-6)
+
+
+def test_single_device_run_after_ddp_counts_only_its_own_samples(runs):
+    """The DDP run's process group outlives its fit; a later one-device run must not sync over it."""
+    root = Path(runs["ddp-dir"])
+    histograms, _ = read_events(root / "single_rank0")
+    (event,) = histograms["sensitivity/C"]
+    assert_histogram(event, expected_stats(data(25, 1).tensors[0][:, :1].expand(-1, 3)))  # num 75, not 150
 
 
 def test_ddp_padding_repeats_are_counted_when_asked(runs):

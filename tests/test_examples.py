@@ -69,6 +69,26 @@ def test_callback_from_flags(tmp_path):
     assert tags == {"sensitivity/k": [4], "sensitivity/correction.0.weight[3, 1]": [4]}
 
 
+def test_one_target_as_a_plain_string_from_yaml_and_flags(tmp_path):
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_sensitivity.SensitivityMonitor\n"
+        "      init_args:\n"
+        "        targets: k\n"
+        "        verify: warn\n"
+        "        prefix: sens\n"
+    )
+    common = (f"--config={OSCILLATOR / 'config.yaml'}", f"--config={config}", *TINY_OSCILLATOR)
+    run = cli(tmp_path, OSCILLATOR, "fit", *common)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert histogram_tags(tmp_path) == {"sens/k": [2, 4]}
+    run = cli(tmp_path, OSCILLATOR, "fit", *common, "--trainer.callbacks.targets=c", "--print_config")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "targets: c" in run.stdout and "verify: warn" in run.stdout
+
+
 def test_print_config_shows_every_argument(tmp_path):
     run = cli(tmp_path, OSCILLATOR, "fit", f"--config={OSCILLATOR / 'config.yaml'}", "--print_config")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -82,6 +102,8 @@ def test_print_config_shows_every_argument(tmp_path):
         "chunk_size: null",
         "log_sanity_check: false",
         "drop_padded_duplicates: true",
+        "verify: true",
+        "prefix: sensitivity",
     ):
         assert line in out, line
     assert "correction.2.weight[0, 3]" in out
