@@ -28,7 +28,8 @@ _REVERSE_MAX_CHUNK = 256
 #: What ``torch.func.jvp(..., strict=True)`` says when the output carries no tangent at all.
 _INDEPENDENT = "independent of the inputs"
 
-Result = tuple[dict[str, Tensor], list[ResolvedTarget]]
+#: The sensitivities by label, the targets whose derivative never reached the output, and the output itself.
+Result = tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]
 
 
 class Model:
@@ -170,8 +171,8 @@ def forward(
     those of a single evaluation."""
     targets = {name: tensor.detach() for name, tensor in tensors.items()}
 
-    def tangent_of_output(tangent: dict[str, Tensor]) -> Tensor:
-        return jvp(model, (targets,), (tangent,), strict=True)[1]
+    def output_and_tangent(tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return jvp(model, (targets,), (tangent,), strict=True)
 
     step = len(resolved) if chunk_size is None else chunk_size
     step = step if vectorise else 1
@@ -188,7 +189,8 @@ def forward(
             columns = None if column is None else column.unsqueeze(0)
         else:
             try:
-                columns = vmap(tangent_of_output, randomness="same")(_one_hot(part, tensors, batched=True))
+                batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))
+                output, columns = batched(_one_hot(part, tensors, batched=True))
             except RuntimeError as error:
                 if _INDEPENDENT not in str(error):
                     raise
@@ -199,7 +201,7 @@ def forward(
             columns = torch.zeros_like(output).unsqueeze(0).expand(len(part), *output.shape)
         for target, column in zip(part, columns, strict=True):
             out[target.label] = column.detach()
-    return out, missing
+    return out, missing, output.detach()
 
 
 def _tangent_by_dual_numbers(
@@ -312,7 +314,7 @@ def reverse(
         else:
             parts = [block[k][(slice(None), *target.index)] for block in blocks]  # type: ignore[index]
             out[target.label] = torch.cat(parts).to(output.dtype).reshape(output.shape)
-    return out, missing
+    return out, missing, output
 
 
 def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:

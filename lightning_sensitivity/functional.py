@@ -39,6 +39,8 @@ from lightning_sensitivity._verify import (
 
 Method = Literal["auto", "forward", "reverse"]
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
+Normalize = Literal["none", "parameter", "relative"]
+NORMALIZATIONS: tuple[str, ...] = ("none", "parameter", "relative")
 
 # Messages of errors that mean "this op or function has no forward-mode (or vmap) rule".
 _UNSUPPORTED_MARKERS = (
@@ -81,6 +83,7 @@ def per_sample_sensitivities(
     method: Method = "auto",
     chunk_size: int | None = None,
     verify: bool = False,
+    normalize: Normalize = "none",
 ) -> dict[str, Tensor]:
     """Derivative of every output element of ``module(*args, **kwargs)`` with respect to each target.
 
@@ -104,6 +107,9 @@ def per_sample_sensitivities(
             256 output elements in reverse mode.
         verify: also compare the result with central finite differences (about two more forward passes per
             target) and raise :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree.
+        normalize: ``"none"``: ``dy/dθ``; ``"parameter"``: ``θ · dy/dθ`` (the scaled sensitivity, in the units
+            of ``y``); ``"relative"``: ``(θ / y) · dy/dθ`` (the elasticity: the relative change of ``y`` per
+            relative change of ``θ``; non-finite where ``y`` is 0).
 
     Returns:
         A dict from each target's canonical label (``name`` or ``name[i, j]``, negative indices made
@@ -145,10 +151,19 @@ def per_sample_sensitivities(
     api = "per_sample_sensitivities"
     check_method(method, api)
     check_chunk_size(chunk_size, api)
+    check_normalize(normalize, api)
     resolved = resolve_targets(module, targets, api)
     on_check = _raise_on_mismatch(api) if verify else None
     return compute_sensitivities(
-        module, resolved, args, kwargs, method=method, chunk_size=chunk_size, api=api, on_check=on_check
+        module,
+        resolved,
+        args,
+        kwargs,
+        method=method,
+        chunk_size=chunk_size,
+        api=api,
+        on_check=on_check,
+        normalize=normalize,
     )
 
 
@@ -165,6 +180,13 @@ def check_method(method: str, api: str) -> None:
     """Raise a ``ValueError`` naming ``method`` unless it is one of :data:`METHODS`."""
     if method not in METHODS:
         raise ValueError(f"{api}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
+
+
+def check_normalize(normalize: str, api: str) -> None:
+    """Raise a ``ValueError`` naming ``normalize`` unless it is one of :data:`NORMALIZATIONS`."""
+    if normalize not in NORMALIZATIONS:
+        choices = ", ".join(map(repr, NORMALIZATIONS))
+        raise ValueError(f"{api}: normalize must be one of {choices}; got {normalize!r}.")
 
 
 def check_chunk_size(chunk_size: int | None, api: str) -> None:
@@ -184,13 +206,14 @@ def compute_sensitivities(
     function: Callable[..., Any] | None = None,
     api: str = "per_sample_sensitivities",
     on_check: Callable[[list[Mismatch]], None] | None = None,
+    normalize: Normalize = "none",
 ) -> dict[str, Tensor]:
     """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
 
     With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
     differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
     With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
-    targets that disagree (an empty list when all agree).
+    targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
     """
     if isinstance(args, Tensor):
         args = (args,)
@@ -201,10 +224,17 @@ def compute_sensitivities(
     model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
     checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
-    sens = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+    sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
     if checker is not None and on_check is not None:
         on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
-    return sens
+    if normalize == "none":
+        return sens
+    scaled = {}
+    for target in resolved:
+        theta = tensors[target.name].detach()[target.index].to(output.dtype)  # on the device: no host sync
+        factor = theta if normalize == "parameter" else theta / output
+        scaled[target.label] = factor * sens[target.label]
+    return scaled
 
 
 def _differentiate(
@@ -215,16 +245,17 @@ def _differentiate(
     method: Method,
     chunk_size: int | None,
     api: str,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], Tensor]:
     """Forward mode with its fallbacks, then reverse mode where forward mode cannot go; zeros where a
-    derivative never reached the output only once finite differences confirm that the output does not move."""
+    derivative never reached the output only once finite differences confirm that the output does not move.
+    Returns the sensitivities and the output."""
     if method != "reverse" and not plan.reverse:
         result = _forward(model, plan, resolved, tensors, method, chunk_size, api)
         if result is not None:
-            sens, missing = result
+            sens, missing, output = result
             lost = _lost(model, plan, tensors, missing, sens)
             if not lost:
-                return sens
+                return sens, output
             if method == "forward":
                 raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", "Use method='auto'."))
             plan.reverse = True
@@ -235,11 +266,11 @@ def _differentiate(
                 UserWarning,
                 stacklevel=4,
             )
-    sens, missing = reverse(model, resolved, tensors, chunk_size)
+    sens, missing, output = reverse(model, resolved, tensors, chunk_size)
     lost = _lost(model, plan, tensors, missing, sens)
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
-    return sens
+    return sens, output
 
 
 def _forward(
