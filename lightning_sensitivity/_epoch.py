@@ -85,7 +85,8 @@ class EpochRun:
         """Fold one batch in: ``columns`` are the targets' sensitivities ``[B, *out]``, in target order;
         ``profile_limit`` is ``max_profile_elements`` when profiles are kept, else ``None``."""
         assert self.aggregator is not None
-        self.aggregator.update(torch.stack([reduce_values(column, reduction) for column in columns]))
+        if columns[0].shape[0] > 0:
+            self.aggregator.update(torch.stack([reduce_values(column, reduction) for column in columns]))
         if profile_limit is not None:
             self._profile(trainer, columns[0].shape[1:], dataloader_idx, profile_limit).update(torch.stack(columns))
 
@@ -110,14 +111,30 @@ class EpochRun:
             )
         return profile
 
-    def finish(self, step: int, labels: Sequence[str]) -> Report:
+    def finish(self, trainer: Any, step: int, labels: Sequence[str], profile_limit: int | None) -> Report:
         """The epoch's statistics, reduced over every process (collectives under DDP: every rank calls this)
         and copied to the host once."""
         assert self.aggregator is not None
         self.active = False
+        if profile_limit is not None and several_processes(trainer):
+            self._agree_on_profiles(trainer, profile_limit)
         state = {name: value.cpu() for name, value in self.aggregator.compute().items()}
         profiles = {idx: self.profiles[idx].profiles() for idx in sorted(self.profiles)}
         return build_report(step, labels, state, self.aggregator.histograms(state), profiles)
+
+    def _agree_on_profiles(self, trainer: Any, limit: int) -> None:
+        """Every process makes the profile of every dataloader that any process saw (a process may have seen no
+        batch of one), so that they all join the same collectives."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        shapes = {idx: profile.shape for idx, profile in self.profiles.items()}
+        gathered: list[dict[int, tuple[int, ...]]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, shapes)
+        for other in gathered:
+            for idx, shape in other.items():
+                self._profile(trainer, shape, idx, limit)
 
 
 def check_profile_size(num_targets: int, shape: Sequence[int], limit: int) -> None:

@@ -434,10 +434,9 @@ class SensitivityMonitor(Callback):
         run.batches[dataloader_idx] = seen + 1
         sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
         keep = run.kept(dataloader_idx, next(iter(sens.values())).shape[0])
-        if keep > 0:
-            columns = [sens[t.label][:keep] for t in self._resolved]
-            limit = self.max_profile_elements if self.profiles_enabled else None
-            run.add(trainer, columns, self.reduction, dataloader_idx, limit)
+        columns = [sens[t.label][:keep] for t in self._resolved]  # possibly empty: every rank still makes a profile
+        limit = self.max_profile_elements if self.profiles_enabled else None
+        run.add(trainer, columns, self.reduction, dataloader_idx, limit)
 
     def _resolve_lazily(self, run: EpochRun, trainer: Trainer) -> None:
         """Targets inside lazy modules, now that the model has run once."""
@@ -514,7 +513,10 @@ class SensitivityMonitor(Callback):
         run = self._runs[stage]
         if not run.active or run.aggregator is None:
             return
-        report = run.finish(trainer.global_step, self.labels)  # collectives under DDP: every rank calls it
+        limit = self.max_profile_elements if self.profiles_enabled else None
+        report = run.finish(
+            trainer, trainer.global_step, self.labels, limit
+        )  # collectives under DDP: every rank calls it
         self._reports[stage], self._last_stage = report, stage
         prefix = self._prefix(stage)
         if stage != "predict":  # predict has no logger
