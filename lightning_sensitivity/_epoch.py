@@ -62,9 +62,11 @@ class EpochRun:
         for metric in (self.aggregator, *self.profiles.values()):
             metric.to(device)
             metric.reset()
-        # Mark the metric updated on every rank, so that a rank without a single value of its own (all of its
-        # samples repeats of the sampler's padding, say) still joins the collective at epoch end.
+        # Mark the metrics updated on every rank, so that a rank without a single value of its own (all of its
+        # samples repeats of the sampler's padding, say) still joins the collectives at epoch end.
         self.aggregator.update(torch.empty(num_targets, 0, device=device))
+        for profile in self.profiles.values():
+            profile.update(torch.empty(num_targets, 0, *profile.shape, device=device))
 
     def kept(self, dataloader_idx: int, batch_size: int) -> int:
         """How many of this batch's samples count: under DDP the sampler's repeats at a rank's end do not."""
@@ -102,6 +104,8 @@ class EpochRun:
                 dtype=self.aggregator.sum.dtype,
                 distributed_available_fn=functools.partial(several_processes, trainer),
             ).to(self.aggregator.sum.device)
+            # updated, even if with nothing, so that every rank joins the sync at epoch end
+            profile.update(torch.empty(profile.num_targets, 0, *profile.shape, device=self.aggregator.sum.device))
             self.profiles[dataloader_idx] = profile
         elif profile.shape != tuple(shape):
             raise ValueError(
