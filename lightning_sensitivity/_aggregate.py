@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,7 +118,7 @@ class SensitivityAggregator(Metric):
     buckets: Tensor
 
     def __init__(
-        self, num_targets: int, buckets_per_octave: int = 8, dtype: torch.dtype = torch.float64, **kwargs
+        self, num_targets: int, buckets_per_octave: int = 8, dtype: torch.dtype = torch.float64, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         if num_targets < 1:
@@ -267,7 +268,7 @@ def collinearity(products: Tensor) -> Tensor:
     norms = gram.diagonal().clamp_min(0).sqrt()
     if bool((norms == 0).any()) or not bool(torch.isfinite(gram).all()):
         return torch.tensor(math.inf, dtype=torch.float64)
-    smallest = torch.linalg.eigvalsh(gram / torch.outer(norms, norms))[0]
+    smallest: Tensor = torch.linalg.eigvalsh(gram / torch.outer(norms, norms))[0]
     return smallest.clamp_min(0).rsqrt()
 
 
@@ -292,7 +293,9 @@ class ProfileAggregator(Metric):
     abs_sum: Tensor
     count: Tensor
 
-    def __init__(self, num_targets: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64, **kwargs) -> None:
+    def __init__(
+        self, num_targets: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.num_targets, self.shape = num_targets, tuple(shape)
         size = (num_targets, *self.shape)

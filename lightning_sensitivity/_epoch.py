@@ -90,7 +90,9 @@ class EpochRun:
         if columns[0].shape[0] > 0:
             self.aggregator.update(torch.stack([reduce_values(column, reduction) for column in columns]))
         if profile_limit is not None:
-            self._profile(trainer, columns[0].shape[1:], dataloader_idx, profile_limit).update(torch.stack(columns))
+            self._profile(trainer, columns[0].shape[1:], dataloader_idx, profile_limit).update(
+                torch.stack(list(columns))
+            )
 
     def _profile(self, trainer: Any, shape: Sequence[int], dataloader_idx: int, limit: int) -> ProfileAggregator:
         """The profile aggregator of one dataloader, made at its first batch, when the output's shape is known."""
@@ -192,4 +194,5 @@ def reduce_values(sens: Tensor, reduction: str) -> Tensor:
         return per_sample.sum(1)
     if reduction == "mean":
         return per_sample.mean(1)
-    return torch.linalg.vector_norm(per_sample, dim=1)
+    norm: Tensor = torch.linalg.vector_norm(per_sample, dim=1)
+    return norm

@@ -86,21 +86,26 @@ class WandbSink:
         self.logger = logger
 
     def histograms(self, prefix: str, report: Report) -> None:
+        import numpy as np
         import wandb
 
         entries = {}
         for label, hist in zip(report.labels, report.histograms, strict=True):
             if hist.num > 0:
                 counts, edges = hist.bins(WANDB_MAX_BINS)
-                entries[f"{prefix}/{label}"] = wandb.Histogram(np_histogram=(counts, edges))
+                bins = (np.asarray(counts), np.asarray(edges))
+                entries[f"{prefix}/{label}"] = wandb.Histogram(np_histogram=bins)
         if entries:
             self.logger.log_metrics(entries, step=report.step)
 
     def table(self, tag: str, report: Report, text: str) -> None:
         import wandb
 
-        columns = ["rank", "target", "mean", "std", "abs_mean", "mean_square", "min", "max", "count", "nonfinite"]
-        rows = [[report.stats[label][c] if c != "target" else label for c in columns] for label in report.ranked()]
+        names = ["rank", "target", "mean", "std", "abs_mean", "mean_square", "min", "max", "count", "nonfinite"]
+        rows = [
+            [label if name == "target" else report.stats[label][name] for name in names] for label in report.ranked()
+        ]
+        columns: list[str | int] = list(names)
         self.logger.log_metrics({tag: wandb.Table(columns=columns, data=rows)}, step=report.step)
 
     def figure(self, tag: str, figure: Any, step: int) -> None:
@@ -142,6 +147,6 @@ def find_sinks(loggers: Sequence[Any]) -> list[Sink]:
     for logger in loggers:
         for classes, sink in kinds:
             if classes and isinstance(logger, classes):
-                sinks.append(sink(logger))  # type: ignore[operator]
+                sinks.append(sink(logger))
                 break
     return sinks

@@ -102,7 +102,7 @@ class FiniteDifferences:
         after = RandomState(self.model.device)
         self.rng.restore()
         try:
-            out = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
+            out: Tensor = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
         finally:
             after.restore()
         return out.detach().double()
