@@ -6,7 +6,7 @@ A line of a page that reads, alone,
 
 is replaced by the body of that file's section ``## Performance`` (up to the next heading of the same or a
 higher level; ``subsections=False`` stops at the first heading of any level), its headings moved up so that
-the section's own level becomes the page's title level. ``{{ include("CHANGELOG.md") }}`` takes a whole file
+the highest of them is a ``##`` under the page's title. ``{{ include("CHANGELOG.md") }}`` takes a whole file
 but its title. In the included text, links are rewritten for the site:
 
 - ``#anchor`` to a section of the same file goes to the page that includes that section;
@@ -185,8 +185,8 @@ def on_page_markdown(markdown, page, config, files, **kwargs):
             continue
         section, inner = found
         body = lines[section.start + 1 : section.end]
-        # The section's own level becomes the page title's (1): its ### become ##; a whole file keeps its levels.
-        shift = section.level - 1 if section.level else 0
+        # Under the page's title (#), the included headings start at ##: the README's #### become ##.
+        shift = min((level for _, level, _ in inner), default=2) - 2
         for i, level, _ in inner:
             k = i - section.start - 1
             body[k] = "#" * max(level - shift, 2) + body[k].lstrip("#")
