@@ -195,8 +195,8 @@ class SensitivityMonitor(Callback):
         self._draw = False
         self._verified = False
         self._warned_constant: set[str] = set()
-        #: validation epochs whose statistics were logged, across resumes from checkpoints
         self.epochs_logged = 0
+        """Validation epochs whose statistics were logged, across resumes from checkpoints."""
 
     @property
     def state_key(self) -> str:
