@@ -171,6 +171,7 @@ class SensitivityMonitor(Callback):
         self.reduction = reduction
         self.normalize = normalize
         self.profiles_enabled = profiles
+        """The ``profiles`` argument (the name ``profiles`` is the method that returns them)."""
         self.max_profile_elements = max_profile_elements
         self.method = method
         self.chunk_size = chunk_size
