@@ -288,6 +288,7 @@ class SensitivityMonitor(Callback):
     # ---- set-up ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_strategy(trainer)
         try:
             self._resolved, self._pending = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)"), False
         except LazyTargetError:
@@ -564,6 +565,31 @@ class SensitivityMonitor(Callback):
                     f"{_API}: every sensitivity to {label!r} is zero; the model's output does not depend on it "
                     "(moving it does not move the output either). Check the target name."
                 )
+
+
+#: Strategies the monitor cannot differentiate through, and why.
+_UNSUPPORTED_STRATEGIES = {
+    "DeepSpeedStrategy": (
+        "ZeRO stage 3 replaces F.linear by an autograd.Function without a forward-mode formula and gathers "
+        "parameters in place from hooks of its own, so no tangent can be given to them"
+    ),
+    "FSDPStrategy": (
+        "FSDP1 keeps parameters as flat shards, even outside its wrapped modules' forward, which the engine "
+        "cannot give a tangent to (and Lightning runs it on CUDA only)"
+    ),
+}
+
+
+def _check_strategy(trainer: Trainer) -> None:
+    """A ``ValueError`` in ``setup`` for a strategy the monitor cannot support."""
+    for cls in type(trainer.strategy).__mro__:
+        reason = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
+        if reason is not None:
+            raise ValueError(
+                f"{_API}: the strategy {cls.__name__} is not supported: {reason}. Shard the model with "
+                "ModelParallelStrategy and torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, which "
+                "the monitor supports, or use strategy='ddp'."
+            )
 
 
 def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None:

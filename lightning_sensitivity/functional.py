@@ -28,6 +28,12 @@ from torch import Tensor, nn
 import lightning_sensitivity
 from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
 from lightning_sensitivity._modes import Model, Result, forward, reverse
+from lightning_sensitivity._sharded import (
+    SensitivityShardingError,
+    ShardedFiniteDifferences,
+    ShardedModel,
+    uses_fsdp,
+)
 from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_tensors
 from lightning_sensitivity._verify import (
     _LIKELY_CAUSES,
@@ -223,18 +229,80 @@ def compute_sensitivities(
     plan = _PLANS.setdefault(module, _Plan(rnn=has_rnn(module)))
     model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
-    checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
-    sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
-    if checker is not None and on_check is not None:
-        on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
+    if uses_fsdp(module):
+        with ShardedModel(model, resolved, tensors) as sharded:
+            sens, output = _differentiate_sharded(sharded, plan, method, chunk_size, api, on_check)
+            values = sharded.values() if normalize != "none" else {}
+    else:
+        checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
+        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+        if checker is not None and on_check is not None:
+            on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
+        values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
     if normalize == "none":
         return sens
     scaled = {}
     for target in resolved:
-        theta = tensors[target.name].detach()[target.index].to(output.dtype)  # on the device: no host sync
+        theta = values[target.label].to(output.dtype)
         factor = theta if normalize == "parameter" else theta / output
         scaled[target.label] = factor * sens[target.label]
     return scaled
+
+
+def _differentiate_sharded(
+    sharded: ShardedModel,
+    plan: _Plan,
+    method: Method,
+    chunk_size: int | None,
+    api: str,
+    on_check: Callable[[list[Mismatch]], None] | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Forward mode for a model sharded with FSDP2: the tangents are given inside the forward of each target's
+    managing module (``_sharded.py``). Every process runs the same evaluations (each is a collective)."""
+    model = sharded.model
+    if method == "reverse":
+        raise ValueError(
+            f"{api}: method='reverse' is not available for a model sharded with FSDP (fully_shard); use "
+            "method='forward' or 'auto'."
+        )
+    checker = ShardedFiniteDifferences(sharded) if on_check is not None else None  # before the model runs
+    while True:
+        try:
+            sens, missing, output = sharded.forward(chunk_size, plan.vectorise)
+            break
+        except (NotImplementedError, RuntimeError) as error:
+            if not _is_unsupported(error) or isinstance(error, SensitivityShardingError):
+                raise
+            if plan.vectorise and len(sharded.resolved) > 1:
+                plan.vectorise = False
+                continue
+            raise RuntimeError(
+                f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}. Reverse "
+                "mode, the usual fallback, is not available for a model sharded with FSDP."
+            ) from error
+    todo = [t for t in missing if t.label not in plan.independent]
+    if todo:
+        differences = ShardedFiniteDifferences(sharded)
+        moved = {t.label: differences.depends(t, sens[t.label].dtype) for t in todo}
+        # every process must take the same way on: each evaluation of a sharded model is a collective
+        lost = [(t, moved[t.label]) for t in todo if _any_process(moved[t.label] is not None, output.device)]
+        if lost:
+            raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", ""))
+        plan.independent.update(t.label for t in todo)
+    if checker is not None and on_check is not None:
+        on_check([m for t in sharded.resolved if (m := checker.check(t, sens[t.label])) is not None])
+    return sens, output
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over every process of the default group (just ``flag`` without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _differentiate(
