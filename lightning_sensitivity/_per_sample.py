@@ -27,8 +27,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_sensitivity._modes import Model, Result
 from lightning_sensitivity._targets import ResolvedTarget
 
-#: Cotangents (output elements) pushed back at once per sample, by default.
+#: Cotangents (output elements) pushed back at once per sample.
 _OUTPUT_CHUNK = 64
+#: Elements of the per-sample gradients of the targets' tensors held at once, by default: the backward pass
+#: through ``T + scatter(delta)`` makes ``d y / d T`` in full, samples × cotangents × numel(T) of them.
+_BLOCK_ELEMENTS = 2**25
 
 
 class NotPerSample(RuntimeError):
@@ -50,7 +53,8 @@ def per_sample_reverse(
         model: what is differentiated (``model.args`` / ``model.kwargs`` hold the batch).
         resolved: the targets.
         tensors: the module's tensors the targets point into, by name.
-        chunk_size: samples differentiated at once (memory grows with it); ``None``: all.
+        chunk_size: samples differentiated at once (memory grows with it); ``None``: as many as keep the
+            per-sample gradients of the targets' tensors under about 2^25 elements.
         output: the batched output, if already computed.
         check: compare the per-sample outputs with the batched output (a host synchronisation): do it once per
             model and input layout.
@@ -68,6 +72,9 @@ def per_sample_reverse(
         raise NotPerSample("no input has the output's sample dimension first")
     names = list(dict.fromkeys(t.name for t in resolved))
     slots = {name: [k for k, t in enumerate(resolved) if t.name == name] for name in names}
+    if chunk_size is None:
+        cotangents = min(max(1, output[0].numel()), _OUTPUT_CHUNK)
+        chunk_size = max(1, _BLOCK_ELEMENTS // (cotangents * sum(tensors[name].numel() for name in names)))
 
     def one_sample(delta: Tensor, sample: list[Tensor]) -> Tensor:
         it = iter(sample)

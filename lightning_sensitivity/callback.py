@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_sensitivity._epoch import EpochRun, check_profile_size
+from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
@@ -493,6 +493,7 @@ class SensitivityMonitor(Callback):
             api=_API,
             on_check=on_check,
             normalize=self.normalize,
+            agree=functools.partial(trainer.strategy.broadcast, src=0) if several_processes(trainer) else None,
         )
 
     def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:

@@ -15,7 +15,10 @@ per module; ``_modes.py`` holds the ways.
 from __future__ import annotations
 
 import linecache
+import logging
+import math
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -24,10 +27,12 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import lightning_sensitivity
 from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
-from lightning_sensitivity._modes import Model, Result, forward, reverse
+from lightning_sensitivity._modes import Model, RandomState, Result, forward, reverse
+from lightning_sensitivity._per_sample import NotPerSample, per_sample_reverse
 from lightning_sensitivity._sharded import (
     SensitivityShardingError,
     ShardedFiniteDifferences,
@@ -61,6 +66,8 @@ _UNSUPPORTED_MARKERS = (
 )
 
 
+_LOG = logging.getLogger("lightning_sensitivity")
+
 #: Code of these packages is never "the line of the model that called the op" in messages.
 _LIBRARY_ROOTS = tuple(os.path.dirname(p.__file__ or "") + os.sep for p in (torch, lightning_sensitivity))
 
@@ -75,6 +82,10 @@ class _Plan:
     reverse: bool = False
     #: labels of targets whose missing derivative finite differences confirmed (the output does not move)
     independent: set[str] = field(default_factory=set)
+    #: whether per-sample reverse mode may work (False once the model mixed samples or refused vmap)
+    per_sample: bool = True
+    #: the mode measured cheaper per signature (targets, input shapes): "forward" or "per-sample reverse"
+    choices: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -105,12 +116,17 @@ def per_sample_sensitivities(
             (``"blocks.*.alpha"``) that expands in module order.
         args: positional arguments of the forward call, a tuple (a single tensor is taken as ``(x,)``).
         kwargs: keyword arguments of the forward call.
-        method: ``"forward"`` (forward-mode AD), ``"reverse"`` (batched reverse mode, one backward pass per
-            output element, vectorised), or ``"auto"``: forward mode, falling back to reverse mode with one
-            warning per module where an op has no forward-mode formula.
-        chunk_size: how many tangents (forward) or output elements (reverse) are pushed through at once;
-            memory grows with it. ``None``: all targets at once in forward mode, and a block of at most
-            256 output elements in reverse mode.
+        method: ``"forward"`` (forward-mode AD: about one tangent pass per target), ``"reverse"`` (reverse mode
+            per sample, vectorised over samples: about one backward pass per output element of a sample,
+            whatever the number of targets; batched over output elements for a model that mixes samples), or
+            ``"auto"``: forward mode, except where, for several targets, a measurement on the first call (once
+            per module, targets and input shape; logged at debug level by the ``lightning_sensitivity`` logger)
+            finds per-sample reverse mode cheaper; and reverse mode, with one warning per module, where an op
+            has no forward-mode formula. A model sharded with FSDP2 is differentiated in forward mode.
+        chunk_size: how many tangents (forward mode), samples (per-sample reverse mode) or output elements
+            (batched reverse mode) are pushed through at once; memory grows with it. ``None``: all targets at
+            once in forward mode, as many samples as keep about 2^25 gradient elements in per-sample reverse
+            mode, and a block of at most 256 output elements in batched reverse mode.
         verify: also compare the result with central finite differences (about two more forward passes per
             target) and raise :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree.
         normalize: ``"none"``: ``dy/dθ``; ``"parameter"``: ``θ · dy/dθ`` (the scaled sensitivity, in the units
@@ -213,6 +229,7 @@ def compute_sensitivities(
     api: str = "per_sample_sensitivities",
     on_check: Callable[[list[Mismatch]], None] | None = None,
     normalize: Normalize = "none",
+    agree: Callable[[str], str] | None = None,
 ) -> dict[str, Tensor]:
     """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
 
@@ -220,6 +237,8 @@ def compute_sensitivities(
     differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
     With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
     targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
+    With ``agree``, the mode ``"auto"`` measured cheaper is passed through it, and its answer is used: the callback
+    makes every process of a distributed run use rank 0's choice.
     """
     if isinstance(args, Tensor):
         args = (args,)
@@ -235,7 +254,7 @@ def compute_sensitivities(
             values = sharded.values() if normalize != "none" else {}
     else:
         checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
-        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api, agree)
         if checker is not None and on_check is not None:
             on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
         values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
@@ -313,10 +332,23 @@ def _differentiate(
     method: Method,
     chunk_size: int | None,
     api: str,
+    agree: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Forward mode with its fallbacks, then reverse mode where forward mode cannot go; zeros where a
+    """Forward mode with its fallbacks, or per-sample reverse mode where ``"auto"`` measured it cheaper (many
+    targets, few output elements), then batched reverse mode where forward mode cannot go; zeros where a
     derivative never reached the output only once finite differences confirm that the output does not move.
-    Returns the sensitivities and the output."""
+    Returns the sensitivities and the output. Every attempt starts from the random state of the call, so the
+    result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
+    rng = RandomState(model.device)
+    if method == "auto" and not plan.reverse and len(resolved) > 1 and plan.per_sample:
+        key = _signature(model, resolved)
+        if key not in plan.choices:
+            choice = _choose(model, plan, resolved, tensors, chunk_size)
+            plan.choices[key] = choice if agree is None else agree(choice)
+            rng.restore()
+        if plan.choices[key] == "per-sample reverse":
+            sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=False)
+            return sens, output
     if method != "reverse" and not plan.reverse:
         result = _forward(model, plan, resolved, tensors, method, chunk_size, api)
         if result is not None:
@@ -334,11 +366,147 @@ def _differentiate(
                 UserWarning,
                 stacklevel=4,
             )
+    if method == "reverse" and plan.per_sample:
+        try:  # separable models: one backward pass per output element of a sample, vectorised over samples
+            check = _signature(model, resolved) not in plan.choices
+            if check and not _per_sample_agrees(model, resolved, tensors):
+                raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
+            rng.restore()
+            sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
+            plan.choices[_signature(model, resolved)] = "per-sample reverse"
+            return sens, output
+        except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
+            plan.per_sample = False
+            _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, _culprit(error))
+    rng.restore()
     sens, missing, output = reverse(model, resolved, tensors, chunk_size)
     lost = _lost(model, plan, tensors, missing, sens)
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
     return sens, output
+
+
+def _signature(model: Model, resolved: Sequence[ResolvedTarget]) -> tuple[Any, ...]:
+    """What the choice of mode is kept for: the function, the targets and the inputs' structure (dimensions and
+    dtypes, not sizes: batches of varying sequence length share one choice, measured once, so that every process
+    of a distributed run measures at the same batch)."""
+    leaves, _ = tree_flatten((model.args, model.kwargs))
+    shapes = tuple((x.dim(), x.dtype) if isinstance(x, Tensor) else type(x) for x in leaves)
+    return model.name, tuple(t.label for t in resolved), shapes
+
+
+def _choose(
+    model: Model, plan: _Plan, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor], chunk_size: int | None
+) -> str:
+    """Forward mode costs about one tangent pass per target, per-sample reverse mode about one backward pass per
+    output element of a sample: time forward mode on a few targets and every sample, and reverse mode on every
+    target and a few samples, then extrapolate. Both probes must agree where they overlap, or forward mode (the
+    one that detects lost derivatives) is kept."""
+    k = min(len(resolved), 8)
+    try:
+        with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
+            (probe, _, output), forward_time = _timed(
+                lambda: forward(model, resolved[:k], tensors, None, plan.vectorise), model.device
+            )
+    except (NotImplementedError, RuntimeError) as error:
+        if not _is_unsupported(error):
+            raise
+        probe, forward_time = {}, math.inf  # an op without a forward formula (or vmap rule) in this model
+        with torch.no_grad():
+            output = model({})
+    batch = output.shape[0]
+    forward_cost = forward_time * len(resolved) / k
+    try:
+        # One sample first: a bound on the cost of every sample (vectorising only makes it cheaper); a closer
+        # estimate from 64 samples only where the bound does not already rule reverse mode out, so that the
+        # probes cost at most about one forward-mode pass.
+        _, one_time = _timed(
+            lambda: per_sample_reverse(_first_samples(model, batch, 1), resolved, tensors, None), model.device
+        )
+        if one_time * batch > 8 * forward_cost:
+            _LOG.debug(
+                "%s: forward mode for %d targets and output %s (estimated %.3g s forward, per-sample "
+                "reverse above %.3g s)",
+                model.name,
+                len(resolved),
+                tuple(output.shape),
+                forward_cost,
+                one_time * batch,
+            )
+            return "forward"
+        samples = min(batch, 64)
+        (reversed_, _, _), reverse_time = _timed(
+            lambda: per_sample_reverse(_first_samples(model, batch, samples), resolved, tensors, None),
+            model.device,
+            warm_up=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): forward mode
+        plan.per_sample = False
+        _LOG.debug("%s: forward mode (per-sample reverse mode refused: %s)", model.name, _culprit(error))
+        return "forward"
+    reverse_cost = reverse_time * batch / samples
+    if probe:
+        agree = all(_close(reversed_[t.label], probe[t.label][:samples]) for t in resolved[:k])
+    else:  # no forward-mode probe to compare with: batched reverse mode on the first samples
+        agree = _per_sample_agrees(model, resolved, tensors)
+    choice = "per-sample reverse" if agree and reverse_cost < forward_cost else "forward"
+    _LOG.debug(
+        "%s: %s for %d targets and output %s (estimated %.3g s forward, %.3g s per-sample reverse%s)",
+        model.name,
+        choice,
+        len(resolved),
+        tuple(output.shape),
+        forward_cost,
+        reverse_cost,
+        "" if agree else "; the two modes disagree on the probe",
+    )
+    return choice
+
+
+def _timed(fn: Callable[[], Result], device: torch.device, warm_up: bool = True) -> tuple[Result, float]:
+    """``fn()`` and the seconds it took (run twice with ``warm_up``: the first run is not timed)."""
+    if warm_up:
+        fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    accelerator = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if accelerator is not None and hasattr(accelerator, "synchronize"):
+        accelerator.synchronize()
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    scale = float(b.abs().nan_to_num(0, 0, 0).amax()) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-5 * scale, equal_nan=True)
+
+
+def _per_sample_agrees(model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> bool:
+    """Per-sample reverse mode against batched reverse mode on the first two samples: ``vmap`` over a backward
+    pass is only as right as the batching rules of the ops' backward formulas (``torch.cdist``'s is wrong)."""
+    with torch.no_grad():
+        batch = model({}).shape[0]
+    sub = _first_samples(model, batch, min(batch, 2))
+    per_sample, _, _ = per_sample_reverse(sub, resolved, tensors, None)
+    batched, _, _ = reverse(sub, resolved, tensors, None)
+    return all(_close(per_sample[t.label], batched[t.label]) for t in resolved)
+
+
+def _first_samples(model: Model, batch: int, samples: int) -> Model:
+    """``model`` on the first ``samples`` samples of its inputs (every tensor whose first dimension is ``batch``)."""
+
+    def cut(x: Any) -> Any:
+        return x[:samples] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else x
+
+    leaves, spec = tree_flatten((model.args, model.kwargs))
+    args, kwargs = tree_unflatten([cut(x) for x in leaves], spec)
+    sub = Model(model.module, args, kwargs, None, model.runner.api, running_stats=model.running_stats)
+    sub.runner, sub.name = model.runner, model.name  # the same function (sensitivity_step) and output checks
+    return sub
 
 
 def _forward(
