@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.overrides
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
@@ -31,6 +32,10 @@ from torch.overrides import TorchFunctionMode
 _level: Callable[[Tensor], int] | None = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+#: Composites written in Python whose inner ops (linear layers, batched products) this mode should see; a
+#: mode is otherwise off while the function it intercepted runs. ``redispatch_function`` is torch >= 2.12.
+_COMPOSITES = (F.multi_head_attention_forward,)
+_redispatch: Callable[..., Any] | None = getattr(torch.overrides, "redispatch_function", None)
 _BACKWARD = (torch.autograd.grad, torch.autograd.backward, Tensor.backward)
 
 
@@ -70,6 +75,9 @@ class Products(TorchFunctionMode):
             self.backward_ran = True
         rule = _RULES.get(func)
         if rule is None or _level is None or any(t not in _PLAIN_TYPES for t in types):
+            if func in _COMPOSITES and _redispatch is not None:
+                with self:
+                    return _redispatch(func, types, args, kwargs)
             return func(*args, **kwargs)
         return rule(self, func, args, kwargs)
 
@@ -312,22 +320,16 @@ def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: C
 
 
 # ---- normalisations with a tangent on the input only ---------------------------------------------------------
+#
+# Normalising ``x`` over a group of elements, ``xhat = (x - mean) * rstd``, has the symmetric Jacobian
+# ``rstd * (I - 11^T / n - xhat xhat^T / n)``: its product with a tangent is the vector-Jacobian product that
+# torch's fused backward kernels compute (called without the affine weight, which scales the result after).
 
-
-def _normalised(xhat: Tensor, rstd: Tensor, t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Tangent along ``t`` of ``xhat = (x - mean) * rstd``, statistics over ``dims``:
-    ``(t - mean(t) - xhat * mean(t * xhat)) * rstd``."""
-    t = t.to(xhat.dtype)
-    return (t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True)) * rstd
-
-
-def _opmath(x: Tensor) -> Tensor:
-    """``x`` in the precision torch's normalisation kernels accumulate in: float32 for 16-bit floats."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+_aten = torch.ops.aten
 
 
 def _norm(names: tuple[str, ...], tangent_of: Callable, mode: Products, func: Callable, args: tuple, kwargs: dict):  # type: ignore[no-untyped-def]
-    """A normalisation whose input alone carries a tangent ``t``: ``tangent_of(call, x, t)``."""
+    """A normalisation whose input alone carries a tangent: ``tangent_of(call, x, t) -> (primal, tangent)``."""
     call = _Call(func, names, args, kwargs)
     x = call.get("input")
     others = [call.get(name) for name in ("weight", "bias", "running_mean", "running_var") if name in names]
@@ -336,44 +338,45 @@ def _norm(names: tuple[str, ...], tangent_of: Callable, mode: Products, func: Ca
     px, tx = _split(x)
     if tx is None:
         return func(*args, **kwargs)
-    primal = call(input=px)  # a batch norm in training updates its running statistics here, as the op would
-    return _dual(primal, tangent_of(call, px, tx).to(primal.dtype))
+    primal, tangent = tangent_of(call, px, tx)
+    return _dual(primal, tangent.to(primal.dtype))
 
 
-def _affine(call: _Call, t: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``t * scale * weight``: ``scale`` (or None) and ``weight`` (or None) per channel, dimension 1 of ``t``,
-    multiplied together first."""
+def _per_channel(call: _Call, t: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``t * scale * weight``, ``scale`` (or None) and the affine ``weight`` (or None) one per channel, dimension
+    1 of ``t``, multiplied together first."""
     weight = call.get("weight")
     if weight is not None:
         scale = weight if scale is None else scale * weight
     return t if scale is None else t * scale.reshape((-1,) + (1,) * (t.dim() - 2))
 
 
-def _bn(call: _Call, x: Tensor, t: Tensor) -> Tensor:
+def _bn(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     eps = call.get("eps", 1e-5)
     mean, var = call.get("running_mean"), call.get("running_var")
-    if call.get("training", False) or mean is None or var is None:  # the batch's own statistics
-        xhat, _, rstd = torch.native_batch_norm(_opmath(x), None, None, None, None, True, 0.0, eps)
-        channels = (-1,) + (1,) * (x.dim() - 2)
-        return _affine(call, _normalised(xhat, rstd.reshape(channels), t, (0, *range(2, x.dim()))))
-    return _affine(call, t, torch.rsqrt(var + eps))
+    primal = call(input=x)  # in training, updates the running statistics as the op would
+    if not call.get("training", False) and mean is not None and var is not None:
+        return primal, _per_channel(call, t, torch.rsqrt(var + eps))
+    _, batch_mean, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    mask = [True, False, False]
+    tangent = _aten.native_batch_norm_backward(t, x, None, None, None, batch_mean, rstd, True, eps, mask)[0]
+    return primal, _per_channel(call, tangent)
 
 
-def _ln(call: _Call, x: Tensor, t: Tensor) -> Tensor:
+def _ln(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     shape, weight = call.get("normalized_shape"), call.get("weight")
-    xhat, _, rstd = torch.native_layer_norm(_opmath(x), shape, None, None, call.get("eps", 1e-5))
-    t = _normalised(xhat, rstd, t, tuple(range(-len(shape), 0)))
-    return t if weight is None else t * weight
+    primal, mean, rstd = torch.native_layer_norm(x, shape, weight, call.get("bias"), call.get("eps", 1e-5))
+    tangent = _aten.native_layer_norm_backward(t, x, shape, mean, rstd, None, None, [True, False, False])[0]
+    return primal, tangent if weight is None else tangent * weight
 
 
-def _gn(call: _Call, x: Tensor, t: Tensor) -> Tensor:
-    n, c, groups = x.shape[0], x.shape[1], call.get("num_groups")
-    xhat, _, rstd = torch.native_group_norm(
-        _opmath(x), None, None, n, c, math.prod(x.shape[2:]), groups, call.get("eps", 1e-5)
-    )
-    grouped = (n, groups, -1)
-    t = _normalised(xhat.reshape(grouped), rstd.reshape(n, groups, 1), t.reshape(grouped), (-1,))
-    return _affine(call, t.reshape(x.shape))
+def _gn(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, groups, size = x.shape[0], x.shape[1], call.get("num_groups"), math.prod(x.shape[2:])
+    eps = call.get("eps", 1e-5)
+    primal, mean, rstd = torch.native_group_norm(x, call.get("weight"), call.get("bias"), n, c, size, groups, eps)
+    mask = [True, False, False]
+    tangent = _aten.native_group_norm_backward(t, x, mean, rstd, None, n, c, size, groups, mask)[0]
+    return primal, _per_channel(call, tangent)
 
 
 # ---- the table ----------------------------------------------------------------------------------------------

@@ -445,3 +445,33 @@ def test_low_precision_follows_float64(dtype):
         for sens in (one[label], several[label]):
             assert sens.dtype == dtype
             assert (sens.double() - exact[label]).abs().max() <= tolerance * scale, label
+
+
+class ScaledAttention(nn.Module):
+    """``nn.MultiheadAttention`` on ``a * x``: its projections run inside ``F.multi_head_attention_forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x * self.a, x, x, need_weights=False)[0]
+
+
+def test_products_inside_multi_head_attention(reference):
+    """The mode stays on inside ``F.multi_head_attention_forward``: its input projection, whose input carries a
+    tangent, runs two products (primal, tangent), not three."""
+    torch.manual_seed(8)
+    model, x = ScaledAttention().double().eval(), torch.randn(2, 3, 8, dtype=torch.float64)
+    labels = ["a", "attn.in_proj_weight[9, 2]", "attn.out_proj.bias[1]"]
+    expected = reference(model, labels, (x,))
+    with torch.no_grad():
+        one = {label: per_sample_sensitivities(model, label, (x,))[label] for label in labels}
+        several = per_sample_sensitivities(model, labels, (x,))
+        in_projection = _count(lambda: per_sample_sensitivities(model, "a", (x,)), "aten::mm", "aten::addmm")
+    for label in labels:
+        torch.testing.assert_close(one[label], expected[label], rtol=0, atol=1e-12)
+        torch.testing.assert_close(several[label], expected[label], rtol=0, atol=1e-12)
+    # query (a * x: primal and tangent), key and value (x, one product for both, no tangent), output projection
+    assert in_projection == 2 + 1 + 2
