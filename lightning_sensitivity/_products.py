@@ -288,8 +288,8 @@ def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: C
     if len(args) < 1 or len(args) > 2 or kwargs.get("out") is not None or kwargs.get("rounding_mode") is not None:
         return func(*args, **kwargs)
     left, right = (other, args[0]) if reverse else (args[0], other)
-    if not mode.routable(left, right):
-        return func(*args, **kwargs)
+    if not mode.routable(left, right) or (kind == "sub" and reverse and not isinstance(other, Tensor)):
+        return func(*args, **kwargs)  # ``1 - x``: torch's own formula is fast there
     (pl, tl), (pr, tr) = _split(left), _split(right)
     if (tl is None) == (tr is None):
         return func(*args, **kwargs)  # no tangent, or a tangent on both: nothing is zero
