@@ -161,6 +161,14 @@ def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched
     return tangents if batched else {name: t[0] for name, t in tangents.items()}
 
 
+def _on(device: torch.device, data: Any, dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(data)`` on ``device``, without waiting for the device: on CUDA through pinned memory (a copy
+    from pageable memory synchronises the stream)."""
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
 def _rows(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Where the one-hot tangents of ``part`` put their 1, row by row, for the tensors that products use as
     weights (two dimensions or more): ``index[name] [len(part), dim]`` and ``mask[name] [len(part)]``, false in
@@ -169,8 +177,8 @@ def _rows(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> tuple[d
     for name, tensor in tensors.items():
         if tensor.dim() >= 2:
             rows = [target.index if target.name == name else (0,) * tensor.dim() for target in part]
-            index[name] = torch.tensor(rows, dtype=torch.long, device=tensor.device)
-            mask[name] = torch.tensor([target.name == name for target in part], device=tensor.device)
+            index[name] = _on(tensor.device, rows, torch.long)
+            mask[name] = _on(tensor.device, [target.name == name for target in part], torch.bool)
     return index, mask
 
 
@@ -265,8 +273,8 @@ def _tangent_by_dual_numbers(
         with torch.enable_grad():
             leaf = _writable(tensors[target.name].detach()).requires_grad_(True)
             dual = fwAD.make_dual(leaf, tangent)
-        index = torch.tensor(target.index, dtype=torch.long, device=dual.device)
-        mode = products([dual], [OneHot(dual, index)] if dual.dim() >= 2 else [])
+        one_hot = [OneHot(dual, _on(dual.device, target.index, torch.long))] if dual.dim() >= 2 else []
+        mode = products([dual], one_hot)
         with torch.set_grad_enabled(grad):
             args, kwargs = _writable(model.args), _writable(model.kwargs)
             output = model({target.name: dual}, args=args, kwargs=kwargs, products=mode)

@@ -37,6 +37,7 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)
 _COMPOSITES = (F.multi_head_attention_forward,)
 _redispatch: Callable[..., Any] | None = getattr(torch.overrides, "redispatch_function", None)
 _BACKWARD = (torch.autograd.grad, torch.autograd.backward, Tensor.backward)
+_aten = torch.ops.aten
 
 
 class OneHot:
@@ -73,7 +74,10 @@ class Products(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _BACKWARD:
             self.backward_ran = True
-        rule = _RULES.get(func)
+        try:
+            rule = _RULES.get(func)
+        except TypeError:  # an unhashable callable: none of ours
+            rule = None
         if rule is None or _level is None or any(t not in _PLAIN_TYPES for t in types):
             if func in _COMPOSITES and _redispatch is not None:
                 with self:
@@ -206,17 +210,18 @@ def _product(spec: _Product, mode: Products, func: Callable[..., Any], args: tup
 
 
 def _place(primal: Tensor, tangent: Tensor | None, dim: int, at: Tensor, values: Tensor, hot: OneHot) -> Tensor:
-    """``tangent`` (zeros when ``None``; else a fresh tensor, updated in place) plus ``values``, of size 1 along
-    ``dim``, at index ``at`` of ``dim``."""
-    dim = dim % primal.dim()
-    if hot.mask is None:
-        base = torch.zeros_like(primal) if tangent is None else tangent
-        return base.index_add_(dim, at.reshape(1), values.to(base.dtype))
-    # Under vmap ``at`` differs from row to row, and index_add's batching rule loops over the rows, copying the
-    # whole tangent each time; a comparison with every index selects in one pass instead.
-    hit = (torch.arange(primal.shape[dim], device=primal.device) == at) & hot.mask
-    placed = torch.where(hit.reshape((-1,) + (1,) * (primal.dim() - dim - 1)), values.to(primal.dtype), 0)
-    return placed if tangent is None else tangent + placed
+    """``tangent`` (zeros when ``None``; else a fresh tensor) plus ``values``, of size 1 along ``dim``, at index
+    ``at`` of ``dim``. By ``scatter_add``: under vmap ``at`` differs from row to row, where ``index_add``'s
+    batching rule loops over the rows, copying the whole tangent each time."""
+    values = values.to(primal.dtype)
+    if hot.mask is not None:  # under vmap, rows of targets in other tensors add nothing
+        values = torch.where(hot.mask, values, 0)
+    index = at.reshape((1,) * primal.dim()).expand(values.shape)
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    if hot.mask is None:  # dual numbers: the fresh tangent is ours to update in place
+        return tangent.scatter_add_(dim % primal.dim(), index, values)
+    return tangent.scatter_add(dim % primal.dim(), index, values)
 
 
 def _linear_column(call: _Call, primal: Tensor, x: Tensor, hot: OneHot, tangent: Tensor | None) -> Tensor:
@@ -319,13 +324,38 @@ def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: C
     return _dual(primal, tangent)
 
 
+# ---- pointwise activations under vmap ------------------------------------------------------------------------
+
+
+def _activation(
+    derivative: Callable[[Tensor, dict], Tensor], mode: Products, func: Callable, args: tuple, kwargs: dict
+):  # type: ignore[no-untyped-def]
+    """Under vmap over K tangents, torch's formula evaluates the activation's derivative K times (``gelu_backward``
+    per row); here it is evaluated once, at the primal that every row shares, and multiplied by the tangents.
+    Dual numbers (one tangent) keep torch's fused formula."""
+    x = args[0] if args else kwargs.get("input")
+    if mode.level < 0 or kwargs.get("inplace") or (len(args) > 1 and args[1] is True) or not mode.routable(x):
+        return func(*args, **kwargs)
+    px, tx = _split(x)
+    if tx is None:
+        return func(*args, **kwargs)
+    primal = func(px, *args[1:], **kwargs)
+    return _dual(primal, tx * derivative(px, kwargs))
+
+
+def _gelu_derivative(x: Tensor, kwargs: dict) -> Tensor:
+    return _aten.gelu_backward(torch.ones_like(x), x, approximate=kwargs.get("approximate", "none"))
+
+
+def _silu_derivative(x: Tensor, kwargs: dict) -> Tensor:
+    return _aten.silu_backward(torch.ones_like(x), x)
+
+
 # ---- normalisations with a tangent on the input only ---------------------------------------------------------
 #
 # Normalising ``x`` over a group of elements, ``xhat = (x - mean) * rstd``, has the symmetric Jacobian
 # ``rstd * (I - 11^T / n - xhat xhat^T / n)``: its product with a tangent is the vector-Jacobian product that
 # torch's fused backward kernels compute (called without the affine weight, which scales the result after).
-
-_aten = torch.ops.aten
 
 
 def _norm(names: tuple[str, ...], tangent_of: Callable, mode: Products, func: Callable, args: tuple, kwargs: dict):  # type: ignore[no-untyped-def]
@@ -463,4 +493,6 @@ _RULES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: functools.partial(_norm, _BN_NAMES, _bn),
     F.layer_norm: functools.partial(_norm, ("input", "normalized_shape", "weight", "bias", "eps"), _ln),
     F.group_norm: functools.partial(_norm, ("input", "num_groups", "weight", "bias", "eps"), _gn),
+    F.gelu: functools.partial(_activation, _gelu_derivative),
+    F.silu: functools.partial(_activation, _silu_derivative),
 }

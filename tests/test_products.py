@@ -139,6 +139,12 @@ CASES = {
         (4,),
         (4,),
     ),
+    "gelu-silu": (
+        lambda m, x, _: F.gelu(x * m.weight) + F.gelu(x + m.bias, approximate="tanh") + F.silu(x),
+        (3, 4),
+        (4,),
+        (4,),
+    ),
     "layer-norm": (lambda m, x, _: F.layer_norm(x, (2, 4), m.weight, m.bias), (3, 2, 4), (2, 4), (2, 4)),
     "group-norm": (lambda m, x, _: F.group_norm(x, 2, m.weight, m.bias), (3, 4, 5), (4,), (4,)),
 }
