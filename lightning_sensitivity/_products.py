@@ -351,62 +351,86 @@ def _silu_derivative(x: Tensor, kwargs: dict) -> Tensor:
     return _aten.silu_backward(torch.ones_like(x), x)
 
 
-# ---- normalisations with a tangent on the input only ---------------------------------------------------------
+# ---- normalisations ------------------------------------------------------------------------------------------
 #
-# Normalising ``x`` over a group of elements, ``xhat = (x - mean) * rstd``, has the symmetric Jacobian
-# ``rstd * (I - 11^T / n - xhat xhat^T / n)``: its product with a tangent is the vector-Jacobian product that
-# torch's fused backward kernels compute (called without the affine weight, which scales the result after).
+# ``y = xhat * weight + bias``, with ``xhat = (x - mean) * rstd`` over a group of elements; its tangent is
+# ``J t_x * weight + xhat * t_weight + t_bias``. ``J`` is the symmetric ``rstd * (I - 11^T / n - xhat xhat^T / n)``
+# (batch statistics), so ``J t_x`` is the vector-Jacobian product that torch's fused backward kernels compute,
+# called without the affine weight; with running statistics it is ``rstd * t_x``. Tangents on running
+# statistics keep torch's formula (or BatchNormByOps).
 
 
-def _norm(names: tuple[str, ...], tangent_of: Callable, mode: Products, func: Callable, args: tuple, kwargs: dict):  # type: ignore[no-untyped-def]
-    """A normalisation whose input alone carries a tangent: ``tangent_of(call, x, t) -> (primal, tangent)``."""
+def _norm(
+    names: tuple[str, ...],
+    parts: Callable,
+    per_channel: bool,
+    mode: Products,
+    func: Callable,
+    args: tuple,
+    kwargs: dict,
+):  # type: ignore[no-untyped-def]
+    """``parts(call, x, weight, bias, t_x, xhat_too) -> (primal, J t_x * weight or None, xhat or None)`` on
+    primals; the affine weight and bias scale and shift channels (dimension 1) when ``per_channel``."""
     call = _Call(func, names, args, kwargs)
-    x = call.get("input")
-    others = [call.get(name) for name in ("weight", "bias", "running_mean", "running_var") if name in names]
-    if not mode.routable(x, *others) or any(_split(v)[1] is not None for v in others):
-        return func(*args, **kwargs)  # a tangent on a parameter or statistic: torch's formula
-    px, tx = _split(x)
-    if tx is None:
+    x, weight, bias = call.get("input"), call.get("weight"), call.get("bias")
+    stats = [call.get(name) for name in ("running_mean", "running_var") if name in names]
+    if not mode.routable(x, weight, bias, *stats) or any(_split(v)[1] is not None for v in stats):
         return func(*args, **kwargs)
-    primal, tangent = tangent_of(call, px, tx)
+    (px, tx), (pw, tw), (pb, tb) = _split(x), _split(weight), _split(bias)
+    if tx is None and tw is None and tb is None:
+        return func(*args, **kwargs)
+    primal, tangent, xhat = parts(call, px, pw, pb, tx, tw is not None)
+    if tw is not None:
+        tangent = _plus(tangent, xhat * (_channels(px, tw) if per_channel else tw))
+    if tb is not None:
+        tb = _channels(px, tb) if per_channel else tb
+        tangent = _like(primal, tb) if tangent is None else tangent + tb
     return _dual(primal, tangent.to(primal.dtype))
 
 
-def _per_channel(call: _Call, t: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``t * scale * weight``, ``scale`` (or None) and the affine ``weight`` (or None) one per channel, dimension
-    1 of ``t``, multiplied together first."""
-    weight = call.get("weight")
-    if weight is not None:
-        scale = weight if scale is None else scale * weight
-    return t if scale is None else t * scale.reshape((-1,) + (1,) * (t.dim() - 2))
+def _channels(x: Tensor, v: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (x.dim() - 2))
 
 
-def _bn(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _bn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
     eps = call.get("eps", 1e-5)
     mean, var = call.get("running_mean"), call.get("running_var")
-    primal = call(input=x)  # in training, updates the running statistics as the op would
+    primal = call(input=x, weight=w, bias=b)  # in training, updates the running statistics as the op would
     if not call.get("training", False) and mean is not None and var is not None:
-        return primal, _per_channel(call, t, torch.rsqrt(var + eps))
-    _, batch_mean, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    mask = [True, False, False]
-    tangent = _aten.native_batch_norm_backward(t, x, None, None, None, batch_mean, rstd, True, eps, mask)[0]
-    return primal, _per_channel(call, tangent)
+        rstd = torch.rsqrt(var + eps)
+        tangent = None if t is None else t * _channels(t, rstd if w is None else rstd * w)
+        return primal, tangent, (x - _channels(x, mean)) * _channels(x, rstd) if xhat_too else None
+    xhat, batch_mean, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    tangent = None
+    if t is not None:
+        mask = [True, False, False]
+        tangent = _aten.native_batch_norm_backward(t, x, None, None, None, batch_mean, rstd, True, eps, mask)[0]
+        tangent = tangent if w is None else tangent * _channels(tangent, w)
+    return primal, tangent, xhat
 
 
-def _ln(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    shape, weight = call.get("normalized_shape"), call.get("weight")
-    primal, mean, rstd = torch.native_layer_norm(x, shape, weight, call.get("bias"), call.get("eps", 1e-5))
-    tangent = _aten.native_layer_norm_backward(t, x, shape, mean, rstd, None, None, [True, False, False])[0]
-    return primal, tangent if weight is None else tangent * weight
+def _ln(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
+    shape = call.get("normalized_shape")
+    primal, mean, rstd = torch.native_layer_norm(x, shape, w, b, call.get("eps", 1e-5))
+    tangent = None
+    if t is not None:
+        tangent = _aten.native_layer_norm_backward(t, x, shape, mean, rstd, None, None, [True, False, False])[0]
+        tangent = tangent if w is None else tangent * w
+    return primal, tangent, (x - mean) * rstd if xhat_too else None
 
 
-def _gn(call: _Call, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _gn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
     n, c, groups, size = x.shape[0], x.shape[1], call.get("num_groups"), math.prod(x.shape[2:])
-    eps = call.get("eps", 1e-5)
-    primal, mean, rstd = torch.native_group_norm(x, call.get("weight"), call.get("bias"), n, c, size, groups, eps)
-    mask = [True, False, False]
-    tangent = _aten.native_group_norm_backward(t, x, mean, rstd, None, n, c, size, groups, mask)[0]
-    return primal, _per_channel(call, tangent)
+    primal, mean, rstd = torch.native_group_norm(x, w, b, n, c, size, groups, call.get("eps", 1e-5))
+    tangent = xhat = None
+    if t is not None:
+        mask = [True, False, False]
+        tangent = _aten.native_group_norm_backward(t, x, mean, rstd, None, n, c, size, groups, mask)[0]
+        tangent = tangent if w is None else tangent * _channels(tangent, w)
+    if xhat_too:
+        grouped = x.reshape(n, groups, -1)
+        xhat = ((grouped - mean.reshape(n, groups, 1)) * rstd.reshape(n, groups, 1)).reshape(x.shape)
+    return primal, tangent, xhat
 
 
 # ---- the table ----------------------------------------------------------------------------------------------
@@ -490,9 +514,9 @@ _RULES: dict[Callable[..., Any], Callable[..., Any]] = {
     **{func: functools.partial(_product, spec) for func, spec in _PRODUCTS.items()},
     **{func: functools.partial(_arithmetic, *how) for func, how in _ARITHMETIC.items()},
     torch.einsum: _einsum,
-    F.batch_norm: functools.partial(_norm, _BN_NAMES, _bn),
-    F.layer_norm: functools.partial(_norm, ("input", "normalized_shape", "weight", "bias", "eps"), _ln),
-    F.group_norm: functools.partial(_norm, ("input", "num_groups", "weight", "bias", "eps"), _gn),
+    F.batch_norm: functools.partial(_norm, _BN_NAMES, _bn, True),
+    F.layer_norm: functools.partial(_norm, ("input", "normalized_shape", "weight", "bias", "eps"), _ln, False),
+    F.group_norm: functools.partial(_norm, ("input", "num_groups", "weight", "bias", "eps"), _gn, True),
     F.gelu: functools.partial(_activation, _gelu_derivative),
     F.silu: functools.partial(_activation, _silu_derivative),
 }

@@ -215,11 +215,11 @@ def test_every_rerouted_op_matches_the_loop(name, routed):
                 sens = per_sample_sensitivities(model, targets, (x,), method="forward")
             for label in targets:
                 torch.testing.assert_close(sens[label], expected[label], rtol=1e-9, atol=1e-10, msg=f"{mode} {label}")
-            # The input alone carries a tangent, or (linear, conv) the weight a one-hot one: the rule's own way.
-            # Elsewhere both factors may carry tangents, and the op's own formula is the right one.
-            if targets == ["a"] or (
-                len(targets) == 1 and "weight" in targets[0] and name.startswith(("lin", "conv2d"))
-            ):
+            # The input alone carries a tangent, the weight of a linear or conv layer a one-hot one, or a
+            # normalisation any single one: the rule's own way. Elsewhere both factors of a product may carry
+            # tangents, and the op's own formula is the right one.
+            one_hot = len(targets) == 1 and "weight" in targets[0] and name.startswith(("lin", "conv2d"))
+            if targets == ["a"] or one_hot or ("norm" in name and len(targets) == 1):
                 assert _rules(name) <= set(routed), f"{name}: {targets} under {mode}: only {set(routed)}"
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
