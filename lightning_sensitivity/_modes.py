@@ -30,7 +30,8 @@ _INDEPENDENT = "independent of the inputs"
 #: Modules whose forward runs a backward pass (``torch.autograd.grad`` inside): pushed without ``Products``.
 _BACKWARD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-Result = tuple[dict[str, Tensor], list[ResolvedTarget]]
+#: The sensitivities by label, the targets whose derivative never reached the output, and the output itself.
+Result = tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]
 
 
 class Model:
@@ -202,22 +203,26 @@ def forward(
         made.append(Products(duals, one_hot))
         return made[-1]
 
-    def tangent_of_output(tangent: dict[str, Tensor], index: dict[str, Tensor], mask: dict[str, Tensor]) -> Tensor:
+    def output_and_tangent(
+        tangent: dict[str, Tensor], index: dict[str, Tensor], mask: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         def evaluate(duals: dict[str, Tensor]) -> Tensor:
             one_hot = [OneHot(duals[name], index[name], mask[name]) for name in index]
             return model(duals, products=products(duals.values(), one_hot))
 
-        return jvp(evaluate, (targets,), (tangent,), strict=True)[1]
+        return jvp(evaluate, (targets,), (tangent,), strict=True)
 
-    def push(part: Sequence[ResolvedTarget]) -> tuple[Tensor | None, Tensor | None]:
+    def push(part: Sequence[ResolvedTarget]) -> tuple[Tensor, Tensor | None]:
         """``(output, columns [len(part), *output.shape])``: ``columns`` is ``None`` when no tangent reached the
-        output, ``output`` only given then."""
+        output."""
         if len(part) == 1:
             output, column = _tangent_by_dual_numbers(model, tensors, part[0], products)
             return output, None if column is None else column.unsqueeze(0)
         try:
             tangents = _one_hot(part, tensors, batched=True)
-            return None, vmap(tangent_of_output, randomness="same")(tangents, *_rows(part, tensors))
+            batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))
+            output, columns = batched(tangents, *_rows(part, tensors))
+            return output, columns
         except RuntimeError as error:
             if _INDEPENDENT not in str(error):
                 raise
@@ -240,12 +245,11 @@ def forward(
             rng.restore()
             output, columns = push(part)
         if columns is None:  # no tangent reached the output: zeros, to be confirmed by the caller
-            assert output is not None
             missing.extend(part)
             columns = torch.zeros_like(output).unsqueeze(0).expand(len(part), *output.shape)
         for target, column in zip(part, columns, strict=True):
             out[target.label] = column.detach()
-    return out, missing
+    return out, missing, output.detach()
 
 
 def _tangent_by_dual_numbers(
@@ -334,7 +338,7 @@ def reverse(
         else:
             parts = [block[k][(slice(None), *target.index)] for block in blocks]  # type: ignore[index]
             out[target.label] = torch.cat(parts).to(output.dtype).reshape(output.shape)
-    return out, missing
+    return out, missing, output
 
 
 def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:

@@ -95,7 +95,7 @@ def _aliases(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, str]:
     and names without ``_orig_mod.``."""
     first = {id(t): name for name, t in tensors.items()}
     every = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    aliases = {}
+    aliases: dict[str, str] = {}
     for name, tensor in every:
         canonical = first.get(id(tensor), name)
         aliases.setdefault(name, canonical)

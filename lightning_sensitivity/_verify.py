@@ -52,8 +52,16 @@ class SensitivityCheckError(RuntimeError):
 
 @dataclass(frozen=True)
 class Mismatch:
-    """One target's check: the norms over the batch of the AD values, of the central differences, and of
-    what separates them beyond rounding noise; ``step`` is the realised ``(θ + h) - (θ - h)``."""
+    """One target whose AD values and finite differences disagree (an item of
+    ``SensitivityCheckError.mismatches``).
+
+    Attributes:
+        label: the target's canonical label (``name`` or ``name[i, j]``).
+        ad_norm: norm over the batch of the AD values.
+        fd_norm: norm over the batch of the central finite differences.
+        error_norm: norm over the batch of what separates them beyond rounding noise.
+        step: the realised step ``(θ + h) - (θ - h)``.
+    """
 
     label: str
     ad_norm: float
@@ -62,6 +70,7 @@ class Mismatch:
     step: float
 
     def describe(self) -> str:
+        """The target and the three norms, one line of the error message."""
         return (
             f"{self.label!r}: |AD| = {self.ad_norm:.3g}, |finite differences| = {self.fd_norm:.3g}, "
             f"|difference| = {self.error_norm:.3g} (norms over the batch; step {self.step:.3g})"
@@ -102,7 +111,7 @@ class FiniteDifferences:
         after = RandomState(self.model.device)
         self.rng.restore()
         try:
-            out = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
+            out: Tensor = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
         finally:
             after.restore()
         return out.detach().double()

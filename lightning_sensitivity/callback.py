@@ -1,31 +1,40 @@
-"""``SensitivityMonitor``: per-sample sensitivities during ordinary Lightning validation."""
+"""``SensitivityMonitor``: per-sample sensitivities during ordinary Lightning validation (and test, predict)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
-from lightning_sensitivity._aggregate import SensitivityAggregator
+from lightning_sensitivity._epoch import EpochRun, check_profile_size
+from lightning_sensitivity._figures import FigureWriter, matplotlib_available
+from lightning_sensitivity._report import SCALARS, Report, markdown
+from lightning_sensitivity._sinks import Sink, find_sinks
 from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
 from lightning_sensitivity._verify import Mismatch, SensitivityCheckError, mismatch_message
-from lightning_sensitivity.functional import Method, check_chunk_size, check_method, compute_sensitivities
+from lightning_sensitivity.functional import (
+    Method,
+    Normalize,
+    check_chunk_size,
+    check_method,
+    check_normalize,
+    compute_sensitivities,
+)
 
 Reduction = Literal["none", "sum", "mean", "norm"]
+Stage = Literal["validate", "test", "predict"]
 Verify = bool | Literal["error", "warn"]
 _REDUCTIONS = ("none", "sum", "mean", "norm")
-_VERIFY = (True, False, "error", "warn")
+_STAGES = ("validate", "test", "predict")
+_STAGE_WORDS = {"validate": "validation", "test": "test", "predict": "predict"}
 _API = "SensitivityMonitor"
-_STATS = ("mean", "std", "abs_mean", "nonfinite")
 
 
 class SensitivityMonitor(Callback):
@@ -38,8 +47,14 @@ class SensitivityMonitor(Callback):
 
     - a histogram ``sensitivity/<target>`` to TensorBoard, at ``trainer.global_step``, with exact
       num, sum, sum of squares, min and max (non-finite values are left out and counted);
-    - scalars ``sensitivity/<target>/mean``, ``/std``, ``/abs_mean`` and ``/nonfinite`` through
-      ``pl_module.log``, so every logger and ``trainer.callback_metrics`` receive them.
+    - scalars ``sensitivity/<target>/mean``, ``/std``, ``/abs_mean``, ``/mean_square`` and ``/nonfinite``,
+      and ``sensitivity/collinearity`` for the set of targets, through ``pl_module.log``, so every logger and
+      ``trainer.callback_metrics`` receive them;
+    - a ranked Markdown table ``sensitivity/summary`` to TensorBoard's text tab and, with matplotlib
+      installed, figures ``sensitivity/ranking``, ``sensitivity/correlation`` and ``sensitivity/profile/<target>``
+      to its images tab.
+
+    After an epoch, :meth:`summary`, :meth:`correlation` and :meth:`profiles` return its statistics.
 
     What is differentiated: ``pl_module.sensitivity_step(batch, batch_idx)`` when the LightningModule defines
     it (it may also take ``dataloader_idx``); otherwise ``pl_module(batch[0])`` for a tuple or list batch and
@@ -51,22 +66,36 @@ class SensitivityMonitor(Callback):
             ``setup``, before the first training step (targets inside lazy modules, once they are materialised).
         every_n_epochs: run on validation epochs whose ``current_epoch + 1`` is a multiple of this
             (``trainer.validate`` always runs).
-        max_batches: at most this many batches of each validation dataloader per epoch; ``None``: all.
+        max_batches: at most this many batches of each dataloader per epoch; ``None``: all.
         reduction: how the output elements of one sample become values: ``"none"`` keeps every element as a
             value; ``"sum"``, ``"mean"`` and ``"norm"`` (L2) give one value per sample.
+        normalize: what is aggregated: ``"none"``: ``dy/dθ``; ``"parameter"``: ``θ · dy/dθ`` (scaled
+            sensitivity); ``"relative"``: ``(θ / y) · dy/dθ`` (elasticity; non-finite where ``y`` is 0, and
+            counted in ``/nonfinite``). Every statistic, the correlation, the profiles and the ranking are of
+            these values; the tags stay the same.
+        profiles: also keep, for every output element, the mean and the mean of ``|value|`` over samples (a
+            curve over time for a trajectory ``[B, T]``, one value per class for logits ``[B, C]``), per
+            dataloader; see :meth:`profiles`. Memory: ``K × prod(out)`` per dataloader.
+        max_profile_elements: the largest ``K × prod(out)`` that ``profiles`` may keep; larger is refused on
+            the first batch, before the first training step.
         method: ``"auto"`` (forward mode, reverse-mode fallback where an op lacks a forward formula),
             ``"forward"`` or ``"reverse"``; see :func:`~lightning_sensitivity.per_sample_sensitivities`.
         chunk_size: how many targets are pushed through the model at once; ``None``: all.
-        verify: on the first batch it differentiates (the sanity check's, or the first validation batch when
-            there is none), also compute central finite differences for every target (about two forward passes
-            each, once per run) and compare. ``True`` / ``"error"``: raise
+        verify: on the first batch it differentiates (the sanity check's, or the first batch when there is
+            none), also compute central finite differences for every target (about two forward passes each,
+            once per run) and compare. ``True`` / ``"error"``: raise
             :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree, before the first
             training step; ``"warn"``: warn once and go on; ``False``: no check.
+        stages: where to run: ``"validate"`` (every validation epoch, tags ``<prefix>/...``), ``"test"``
+            (``trainer.test``, tags ``<prefix>_test/...``) and ``"predict"`` (``trainer.predict``, which has no
+            logger: read :meth:`summary` after it). ``sensitivity_step`` serves every stage.
         prefix: the first part of every tag (``<prefix>/<target>``, ``<prefix>/<target>/mean``, ...). Two
-            monitors on one Trainer that watch the same target need different prefixes.
+            monitors on one Trainer that watch the same target in the same stage need different prefixes.
         log_sanity_check: also run during the sanity check before training (at ``global_step`` 0).
-        dataloaders: indices of the validation dataloaders to use; ``None``: all.
+        dataloaders: indices of the dataloaders to use; ``None``: all.
         log_histograms: write the TensorBoard histograms.
+        log_figures: draw the figures (needs matplotlib: ``pip install "lightning-sensitivity[plots]"``); they
+            are drawn in a background thread while training goes on.
         buckets_per_octave: histogram resolution: buckets per factor of two on each side of zero.
         drop_padded_duplicates: under DDP, a ``DistributedSampler`` (Lightning's default for validation) pads
             the data set to a multiple of the world size by repeating its first samples at the end of some
@@ -78,10 +107,10 @@ class SensitivityMonitor(Callback):
 
     Example:
         >>> monitor = SensitivityMonitor(targets=["C", "net.0.weight[3, 1]"], every_n_epochs=2)
-        >>> monitor.targets, monitor.reduction, monitor.verify
-        (['C', 'net.0.weight[3, 1]'], 'none', 'error')
-        >>> SensitivityMonitor(targets="C", verify="warn", prefix="sens_c").targets
-        ['C']
+        >>> monitor.targets, monitor.reduction, monitor.verify, monitor.stages
+        (['C', 'net.0.weight[3, 1]'], 'none', 'error', ['validate'])
+        >>> SensitivityMonitor(targets="C", normalize="relative", profiles=True, stages=["validate", "test"]).prefix
+        'sensitivity'
         >>> SensitivityMonitor(targets=["C"], every_n_epochs=0)
         Traceback (most recent call last):
         ...
@@ -95,28 +124,40 @@ class SensitivityMonitor(Callback):
         every_n_epochs: int = 1,
         max_batches: int | None = None,
         reduction: Reduction = "none",
+        normalize: Normalize = "none",
+        profiles: bool = False,
+        max_profile_elements: int = 65536,
         method: Method = "auto",
         chunk_size: int | None = None,
         verify: Verify = True,
+        stages: Sequence[Stage] = ("validate",),
         prefix: str = "sensitivity",
         log_sanity_check: bool = False,
         dataloaders: list[int] | None = None,
         log_histograms: bool = True,
+        log_figures: bool = True,
         buckets_per_octave: int = 8,
         drop_padded_duplicates: bool = True,
     ) -> None:
         targets = target_list(targets, f"{_API}(targets=...)")
         _check_positive("every_n_epochs", every_n_epochs)
         _check_positive("buckets_per_octave", buckets_per_octave)
+        _check_positive("max_profile_elements", max_profile_elements)
         if max_batches is not None:
             _check_positive("max_batches", max_batches)
         if reduction not in _REDUCTIONS:
             choices = ", ".join(map(repr, _REDUCTIONS))
             raise ValueError(f"{_API}(reduction=...): must be one of {choices}; got {reduction!r}.")
+        check_normalize(normalize, f"{_API}(normalize=...)")
         check_method(method, f"{_API}(method=...)")
         check_chunk_size(chunk_size, f"{_API}(chunk_size=...)")
         if not any(verify is v for v in (True, False)) and verify not in ("error", "warn"):
             raise ValueError(f"{_API}(verify=...): must be True, False, 'error' or 'warn'; got {verify!r}.")
+        if isinstance(stages, str):
+            stages = [stages]  # type: ignore[list-item]
+        if not stages or not all(stage in _STAGES for stage in stages) or len(set(stages)) != len(stages):
+            choices = ", ".join(map(repr, _STAGES))
+            raise ValueError(f"{_API}(stages=...): must be distinct values among {choices}; got {stages!r}.")
         if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/ "):
             raise ValueError(
                 f"{_API}(prefix=...): must be a non-empty tag without leading or trailing '/' or spaces, such as "
@@ -128,30 +169,35 @@ class SensitivityMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.max_batches = max_batches
         self.reduction = reduction
+        self.normalize = normalize
+        self.profiles_enabled = profiles
+        """The ``profiles`` argument (the name ``profiles`` is the method that returns them)."""
+        self.max_profile_elements = max_profile_elements
         self.method = method
         self.chunk_size = chunk_size
         #: ``"error"``, ``"warn"`` or ``False``
         self.verify: Literal["error", "warn", False] = "error" if verify is True else verify
+        self.stages: list[str] = list(stages)
         self.prefix = prefix
         self.log_sanity_check = log_sanity_check
         self.dataloaders = None if dataloaders is None else list(dataloaders)
         self.log_histograms = log_histograms
+        self.log_figures = log_figures
         self.buckets_per_octave = buckets_per_octave
         self.drop_padded_duplicates = drop_padded_duplicates
 
         self._resolved: list[ResolvedTarget] = []
         self._pending = False  # targets inside lazy modules: resolved at the first batch
-        self._aggregator: SensitivityAggregator | None = None
-        self._histogram_writer: Any = None
-        self._active = False
-        self._dry_run = False
+        self._runs: dict[str, EpochRun] = {stage: EpochRun() for stage in _STAGES}
+        self._reports: dict[str, Report] = {}
+        self._last_stage: str | None = None
+        self._sinks: list[Sink] = []
+        self._figures = FigureWriter()
+        self._draw = False
         self._verified = False
-        self._batches: dict[int, int] = {}
-        self._samples: dict[int, int] = {}
-        self._originals: dict[int, int] = {}
         self._warned_constant: set[str] = set()
-        #: validation epochs whose statistics were logged, across resumes from checkpoints
         self.epochs_logged = 0
+        """Validation epochs whose statistics were logged, across resumes from checkpoints."""
 
     @property
     def state_key(self) -> str:
@@ -161,13 +207,18 @@ class SensitivityMonitor(Callback):
             every_n_epochs=self.every_n_epochs,
             max_batches=self.max_batches,
             reduction=self.reduction,
+            normalize=self.normalize,
+            profiles=self.profiles_enabled,
+            max_profile_elements=self.max_profile_elements,
             method=self.method,
             chunk_size=self.chunk_size,
             verify=self.verify,
+            stages=self.stages,
             prefix=self.prefix,
             log_sanity_check=self.log_sanity_check,
             dataloaders=self.dataloaders,
             log_histograms=self.log_histograms,
+            log_figures=self.log_figures,
             buckets_per_octave=self.buckets_per_octave,
             drop_padded_duplicates=self.drop_padded_duplicates,
         )
@@ -189,28 +240,89 @@ class SensitivityMonitor(Callback):
         """Canonical labels of the resolved targets (empty before ``setup``)."""
         return [t.label for t in self._resolved]
 
+    # ---- what the last epoch found -------------------------------------------------------------------------
+
+    def summary(self, stage: Stage | None = None) -> dict[str, dict[str, float]]:
+        """The statistics of the last logged epoch, per target: ``count``, ``nonfinite``, ``mean``, ``std``,
+        ``abs_mean`` (μ*), ``mean_square`` (ν, the DGSM measure), ``min``, ``max`` and ``rank`` (1 = largest
+        ``abs_mean``), as Python numbers, of the values the monitor aggregates (after ``reduction`` and
+        ``normalize``).
+
+        Args:
+            stage: ``"validate"``, ``"test"`` or ``"predict"``; ``None``: the stage that ran last.
+
+        Raises:
+            RuntimeError: no epoch of that stage has been logged yet.
+        """
+        return {label: dict(stats) for label, stats in self._report(stage, "summary").stats.items()}
+
+    def correlation(self, stage: Stage | None = None) -> tuple[list[str], Tensor]:
+        """The Pearson correlation of the targets' values over the last logged epoch, ``(labels, Tensor[K, K])``
+        on the host (float64). Two targets whose correlation is near ±1 cannot be told apart from this data.
+        Values where any target is non-finite are left out; NaN for a target whose values do not vary."""
+        report = self._report(stage, "correlation")
+        return list(report.labels), report.correlation.clone()
+
+    def profiles(self, dataloader_idx: int = 0, stage: Stage | None = None) -> dict[str, dict[str, Tensor]]:
+        """Per output element, over the samples of the last logged epoch: ``{label: {"mean": Tensor[*out],
+        "abs_mean": Tensor[*out]}}`` on the host (float64), for one dataloader (``profiles=True`` only)."""
+        if not self.profiles_enabled:
+            raise RuntimeError(f"{_API}.profiles(): profiles are not kept; pass SensitivityMonitor(profiles=True).")
+        report = self._report(stage, "profiles")
+        if dataloader_idx not in report.profiles:
+            raise KeyError(
+                f"{_API}.profiles(dataloader_idx={dataloader_idx}): no profile for that dataloader; the last "
+                f"epoch has profiles for dataloaders {sorted(report.profiles)}."
+            )
+        return {label: {k: v.clone() for k, v in p.items()} for label, p in report.profiles[dataloader_idx].items()}
+
+    def _report(self, stage: str | None, api: str) -> Report:
+        stage = self._last_stage if stage is None else stage
+        if stage not in self._reports:
+            raise RuntimeError(
+                f"{_API}.{api}(): no {'' if stage is None else repr(stage) + ' '}epoch has been logged yet; "
+                "call it after trainer.fit, validate, test or predict has run the monitor."
+            )
+        return self._reports[stage]
+
     # ---- set-up ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_strategy(trainer)
         try:
             self._resolved, self._pending = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)"), False
         except LazyTargetError:
-            self._resolved, self._pending = [], True  # resolved once validation_step has materialised them
-        self._aggregator = None  # made at the first validation epoch, on the module's device
+            self._resolved, self._pending = [], True  # resolved once the model has materialised them
+        self._runs = {name: EpochRun() for name in _STAGES}  # aggregators are made on the module's device
         self._verified = False
         self._check_clashes(trainer)
-        self._histogram_writer = _histogram_writer(trainer.loggers)
-        if self.log_histograms and self._histogram_writer is None:
+        self._sinks = find_sinks(trainer.loggers)
+        if self.log_histograms and not self._sinks and self._logs(stage):
             rank_zero_warn(
-                f"{_API}: the Trainer has no TensorBoardLogger, so no sensitivity histograms are written; the "
-                "summary scalars still go to every logger. Add lightning.pytorch.loggers.TensorBoardLogger to "
-                "`Trainer(logger=...)`, or pass log_histograms=False to silence this warning."
+                f"{_API}: the Trainer has no TensorBoard, W&B or MLflow logger, so no sensitivity histograms, "
+                "tables or figures are written; the summary scalars still go to every logger. Add "
+                "lightning.pytorch.loggers.TensorBoardLogger to `Trainer(logger=...)`, or pass "
+                "log_histograms=False to silence this warning."
             )
+        self._draw = self.log_figures and bool(self._sinks) and matplotlib_available()
+        if self.log_figures and self._sinks and not self._draw and self._logs(stage):
+            rank_zero_warn(
+                f"{_API}: matplotlib is not installed, so the ranking, correlation and profile figures are not "
+                'drawn (the table and the scalars still are). pip install "lightning-sensitivity[plots]" to get '
+                "them, or pass log_figures=False to silence this warning."
+            )
+
+    def _logs(self, fn: str) -> bool:
+        """Whether the Trainer function ``fn`` (``setup``'s ``stage``) will log anything."""
+        wanted = {"fit": "validate", "validate": "validate", "test": "test"}.get(fn)
+        return wanted in self.stages
 
     def _check_clashes(self, trainer: Trainer) -> None:
         """Refuse a second monitor that would write the same tags (one of the two would be lost)."""
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if other is self or not isinstance(other, SensitivityMonitor) or other.prefix != self.prefix:
+                continue
+            if not set(self.stages) & set(other.stages):
                 continue
             shared = [label for label in self.labels if label in other.labels]
             if shared:
@@ -221,45 +333,17 @@ class SensitivityMonitor(Callback):
                     f"SensitivityMonitor(..., prefix='{self.prefix}_2')."
                 )
 
-    def _make_aggregator(self, trainer: Trainer, pl_module: LightningModule) -> SensitivityAggregator:
-        if self._aggregator is None:
-            dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
-            self._aggregator = SensitivityAggregator(
-                len(self._resolved),
-                self.buckets_per_octave,
-                dtype=dtype,
-                # Sync only when this Trainer runs several processes, not over a process group that an earlier
-                # run (a DDP fit in the same notebook) left behind.
-                distributed_available_fn=functools.partial(_several_processes, trainer),
-            )
-        self._aggregator.to(pl_module.device)
-        return self._aggregator
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._figures.wait()  # before the loggers close their writers
 
-    # ---- validation --------------------------------------------------------------------------------------
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        with contextlib.suppress(Exception):  # the run's own exception is the one to report
+            self._figures.wait()
+
+    # ---- the hooks, per stage --------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._active = self._should_run(trainer)
-        # Without logging it, the sanity check still differentiates one batch, so that a model whose output
-        # cannot be differentiated stops the run before the first training step, not after the first epoch.
-        self._dry_run = trainer.sanity_checking and not self._active
-        self._batches, self._samples = {}, {}
-        self._originals = _original_samples(trainer) if self.drop_padded_duplicates else {}
-        if self._active and not self._pending:
-            self._start_epoch(trainer, pl_module)
-
-    def _start_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        aggregator = self._make_aggregator(trainer, pl_module)
-        aggregator.reset()
-        # Mark the metric updated on every rank, so that a rank without a single value of its own (all of its
-        # samples repeats of the sampler's padding, say) still joins the collective at epoch end.
-        aggregator.update(torch.empty(len(self._resolved), 0, device=pl_module.device))
-
-    def _should_run(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking:
-            return self.log_sanity_check
-        if trainer.state.fn == "validate":
-            return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        self._epoch_start("validate", trainer, pl_module)
 
     def on_validation_batch_end(
         self,
@@ -270,47 +354,111 @@ class SensitivityMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.dataloaders is not None and dataloader_idx not in self.dataloaders:
+        self._batch_end("validate", trainer, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("validate", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start("test", trainer, pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("test", trainer, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("test", trainer, pl_module)
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start("predict", trainer, pl_module)
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("predict", trainer, batch, batch_idx, dataloader_idx)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("predict", trainer, pl_module)
+
+    # ---- one epoch -------------------------------------------------------------------------------------------
+
+    def _should_run(self, stage: str, trainer: Trainer) -> bool:
+        if stage not in self.stages:
+            return False
+        if stage != "validate":
+            return True
+        if trainer.sanity_checking:
+            return self.log_sanity_check
+        if trainer.state.fn == "validate":
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _epoch_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        run = self._runs[stage]
+        run.active = self._should_run(stage, trainer)
+        # Without logging it, the sanity check still differentiates one batch, so that a model whose output
+        # cannot be differentiated stops the run before the first training step, not after the first epoch.
+        run.dry_run = stage == "validate" and stage in self.stages and trainer.sanity_checking and not run.active
+        run.begin(trainer, stage, self.drop_padded_duplicates)
+        if run.active and not self._pending:
+            run.start(trainer, pl_module.device, len(self._resolved), self.buckets_per_octave)
+
+    def _batch_end(self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        run = self._runs[stage]
+        if not (run.dry_run or run.active) or (self.dataloaders is not None and dataloader_idx not in self.dataloaders):
             return
-        if (self._dry_run or self._active) and self._pending:
-            self._resolve_lazily(trainer, pl_module)
-        if self._dry_run:
-            self._dry_run = False
-            self._differentiate(trainer, batch, batch_idx, dataloader_idx)
+        if self._pending:
+            self._resolve_lazily(run, trainer)
+        if run.dry_run:
+            run.dry_run = False
+            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+            if self.profiles_enabled:
+                check_profile_size(len(self._resolved), next(iter(sens.values())).shape[1:], self.max_profile_elements)
             return
-        if not self._active or self._aggregator is None:
+        if run.aggregator is None:
             return
-        seen = self._batches.get(dataloader_idx, 0)
+        seen = run.batches.get(dataloader_idx, 0)
         if self.max_batches is not None and seen >= self.max_batches:
             return
-        self._batches[dataloader_idx] = seen + 1
-        sens = self._differentiate(trainer, batch, batch_idx, dataloader_idx)
-        first = next(iter(sens.values()))
-        keep = first.shape[0]
-        if dataloader_idx in self._originals:  # this rank's sampler repeats samples at its end
-            seen = self._samples.get(dataloader_idx, 0)
-            self._samples[dataloader_idx] = seen + keep
-            keep = max(0, min(keep, self._originals[dataloader_idx] - seen))
-            if keep == 0:
-                return
-        values = torch.stack([_reduce(sens[t.label][:keep], self.reduction) for t in self._resolved])
-        self._aggregator.update(values)
+        run.batches[dataloader_idx] = seen + 1
+        sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+        keep = run.kept(dataloader_idx, next(iter(sens.values())).shape[0])
+        columns = [sens[t.label][:keep] for t in self._resolved]  # possibly empty: every rank still makes a profile
+        limit = self.max_profile_elements if self.profiles_enabled else None
+        run.add(trainer, columns, self.reduction, dataloader_idx, limit)
 
-    def _resolve_lazily(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Targets inside lazy modules, now that ``validation_step`` has run the model once."""
+    def _resolve_lazily(self, run: EpochRun, trainer: Trainer) -> None:
+        """Targets inside lazy modules, now that the model has run once."""
+        pl_module = trainer.lightning_module
         try:
             self._resolved = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)")
         except LazyTargetError as error:
             raise LazyTargetError(
-                f"{error} The monitor resolves such targets after the first validation_step; this one is still "
-                "uninitialized then: make sure validation_step runs the module that holds it."
+                f"{error} The monitor resolves such targets after the first validation_step (test_step, "
+                "predict_step); this one is still uninitialized then: make sure that step runs the module that "
+                "holds it."
             ) from None
         self._pending = False
         self._check_clashes(trainer)
-        if self._active:
-            self._start_epoch(trainer, pl_module)
+        if run.active:
+            run.start(trainer, pl_module.device, len(self._resolved), self.buckets_per_octave)
 
-    def _differentiate(self, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> dict[str, Tensor]:
+    def _differentiate(
+        self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> dict[str, Tensor]:
         module = trainer.lightning_module  # never a strategy wrapper
         step = getattr(module, "sensitivity_step", None)
         function = None
@@ -334,7 +482,7 @@ class SensitivityMonitor(Callback):
         on_check = None
         if self.verify and not self._verified:
             self._verified = True
-            on_check = functools.partial(self._on_check, trainer)
+            on_check = functools.partial(self._on_check, trainer, _STAGE_WORDS[stage])
         return compute_sensitivities(
             module,
             self._resolved,
@@ -344,9 +492,10 @@ class SensitivityMonitor(Callback):
             function=function,
             api=_API,
             on_check=on_check,
+            normalize=self.normalize,
         )
 
-    def _on_check(self, trainer: Trainer, mismatches: list[Mismatch]) -> None:
+    def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:
         """The verdict of the finite-difference check on this process's first batch; every process learns
         whether any failed, so that they stop together."""
         failed = trainer.strategy.reduce_boolean_decision(bool(mismatches), all=False)
@@ -356,75 +505,91 @@ class SensitivityMonitor(Callback):
         if not mismatches:
             message = f"{_API}: the finite-difference check failed on another process; see its error."
         else:
-            message = mismatch_message(_API, mismatches, "on the first validation batch", hint)
+            message = mismatch_message(_API, mismatches, f"on the first {stage_word} batch", hint)
         if self.verify == "error":
             raise SensitivityCheckError(message, mismatches)
         if mismatches:
             warnings.warn(message, UserWarning, stacklevel=2)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active or self._aggregator is None:
+    def _epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        run = self._runs[stage]
+        if not run.active or run.aggregator is None:
             return
-        self._active = False
-        summary = self._aggregator.compute()  # a collective under DDP: every rank calls it
-        for k, target in enumerate(self._resolved):
-            for stat in _STATS:
-                value = summary[stat].reshape(-1)[k].float()  # torchmetrics squeezes one-element results
-                pl_module.log(
-                    f"{self.prefix}/{target.label}/{stat}",
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    # Every rank holds the same, already reduced value: a max over ranks keeps it exactly (a mean
-                    # could round) and spares Lightning's warning about unsynced epoch-level values.
-                    sync_dist=True,
-                    reduce_fx="max",
-                    add_dataloader_idx=False,
-                )
-        self.epochs_logged += 1
-        if trainer.is_global_zero:
-            self._write_histograms(trainer, summary)
+        limit = self.max_profile_elements if self.profiles_enabled else None
+        report = run.finish(
+            trainer, trainer.global_step, self.labels, limit
+        )  # collectives under DDP: every rank calls it
+        self._reports[stage], self._last_stage = report, stage
+        prefix = self._prefix(stage)
+        if stage != "predict":  # predict has no logger
+            for label in report.labels:
+                for stat in SCALARS:
+                    self._log(pl_module, f"{prefix}/{label}/{stat}", report.stats[label][stat])
+            self._log(pl_module, f"{prefix}/collinearity", report.collinearity)
+        if stage == "validate":
+            self.epochs_logged += 1
+        self._warn_constant(report)
+        if not trainer.is_global_zero or stage == "predict":
+            return
+        table = markdown(report, prefix)
+        for sink in self._sinks:
+            if self.log_histograms:
+                sink.histograms(prefix, report)
+            sink.table(f"{prefix}/summary", report, table)
+        if self._draw:
+            wanted = [(sink.figure, self.log_histograms and sink.histograms_as_figures) for sink in self._sinks]
+            self._figures.submit(prefix, report, wanted)
 
-    def _write_histograms(self, trainer: Trainer, summary: dict[str, Tensor]) -> None:
-        assert self._aggregator is not None
-        histograms = self._aggregator.histograms(summary)  # the one copy to the host per epoch
-        for target, hist in zip(self._resolved, histograms, strict=True):
-            if hist.num > 0 and hist.min == 0.0 and hist.max == 0.0 and target.label not in self._warned_constant:
-                self._warned_constant.add(target.label)
+    def _prefix(self, stage: str) -> str:
+        return self.prefix if stage == "validate" else f"{self.prefix}_{stage}"
+
+    @staticmethod
+    def _log(pl_module: LightningModule, name: str, value: float) -> None:
+        pl_module.log(
+            name,
+            float(value),
+            on_step=False,
+            on_epoch=True,
+            # Every rank holds the same, already reduced value: a max over ranks keeps it exactly (a mean could
+            # round) and spares Lightning's warning about unsynced epoch-level values.
+            sync_dist=True,
+            reduce_fx="max",
+            add_dataloader_idx=False,
+        )
+
+    def _warn_constant(self, report: Report) -> None:
+        for label, hist in zip(report.labels, report.histograms, strict=True):
+            if hist.num > 0 and hist.min == 0.0 and hist.max == 0.0 and label not in self._warned_constant:
+                self._warned_constant.add(label)
                 rank_zero_warn(
-                    f"{_API}: every sensitivity to {target.label!r} is zero; the model's output does not seem to "
-                    "depend on it (finite differences agree). Check the target name."
+                    f"{_API}: every sensitivity to {label!r} is zero; the model's output does not depend on it "
+                    "(moving it does not move the output either). Check the target name."
                 )
-            if not self.log_histograms or self._histogram_writer is None or hist.num == 0:
-                continue
-            self._histogram_writer.add_histogram_raw(
-                f"{self.prefix}/{target.label}",
-                min=hist.min,
-                max=hist.max,
-                num=hist.num,
-                sum=hist.sum,
-                sum_squares=hist.sum_squares,
-                bucket_limits=hist.bucket_limits,
-                bucket_counts=hist.bucket_counts,
-                global_step=trainer.global_step,
+
+
+#: Strategies the monitor cannot differentiate through, and why.
+_UNSUPPORTED_STRATEGIES = {
+    "DeepSpeedStrategy": (
+        "ZeRO stage 3 replaces F.linear by an autograd.Function without a forward-mode formula and gathers "
+        "parameters in place from hooks of its own, so no tangent can be given to them"
+    ),
+    "FSDPStrategy": (
+        "FSDP1 keeps parameters as flat shards, even outside its wrapped modules' forward, which the engine "
+        "cannot give a tangent to (and Lightning runs it on CUDA only)"
+    ),
+}
+
+
+def _check_strategy(trainer: Trainer) -> None:
+    """A ``ValueError`` in ``setup`` for a strategy the monitor cannot support."""
+    for cls in type(trainer.strategy).__mro__:
+        reason = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
+        if reason is not None:
+            raise ValueError(
+                f"{_API}: the strategy {cls.__name__} is not supported: {reason}. Shard the model with "
+                "ModelParallelStrategy and torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, which "
+                "the monitor supports, or use strategy='ddp'."
             )
-
-
-def _several_processes(trainer: Trainer) -> bool:
-    return trainer.world_size > 1
-
-
-def _histogram_writer(loggers: list[Logger]) -> Any:
-    """The ``SummaryWriter`` of the first TensorBoard logger, of ``lightning.pytorch`` or of the standalone
-    ``pytorch_lightning`` package; ``None`` without one."""
-    kinds: list[type] = [TensorBoardLogger]
-    standalone = sys.modules.get("pytorch_lightning.loggers")
-    if standalone is not None:
-        kinds.append(standalone.TensorBoardLogger)
-    for logger in loggers:
-        if isinstance(logger, tuple(kinds)):
-            return logger.experiment
-    return None
 
 
 def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None:
@@ -444,44 +609,6 @@ def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None
         ) from None
 
 
-def _original_samples(trainer: Trainer) -> dict[int, int]:
-    """For each validation dataloader whose ``DistributedSampler`` pads with repeats, how many of this rank's
-    samples come before the repeats. The sampler deals positions ``rank, rank + world, ...`` of a list made of
-    the data set's indices followed by repeats of its first ones, so the repeats are each rank's last samples.
-    """
-    loaders = trainer.val_dataloaders
-    if loaders is None or trainer.world_size == 1:
-        return {}
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    elif not isinstance(loaders, (list, tuple)):
-        loaders = [loaders]
-    originals = {}
-    for idx, loader in enumerate(loaders):
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, DistributedSampler):
-            sampler = getattr(batch_sampler, "sampler", None)
-        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-            continue
-        size = len(sampler.dataset)  # type: ignore[arg-type]
-        if sampler.total_size > size:
-            originals[idx] = max(0, -(-(size - sampler.rank) // sampler.num_replicas))
-    return originals
-
-
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{_API}({name}=...): must be a positive integer; got {value!r}.")
-
-
-def _reduce(sens: Tensor, reduction: str) -> Tensor:
-    """``sens [B, *out]`` -> values: ``[B * prod(out)]`` for ``"none"``, else ``[B]``."""
-    if reduction == "none":
-        return sens.reshape(-1)
-    per_sample = sens.reshape(sens.shape[0], -1)
-    if reduction == "sum":
-        return per_sample.sum(1)
-    if reduction == "mean":
-        return per_sample.mean(1)
-    return torch.linalg.vector_norm(per_sample, dim=1)

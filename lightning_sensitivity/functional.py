@@ -28,6 +28,12 @@ from torch import Tensor, nn
 import lightning_sensitivity
 from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
 from lightning_sensitivity._modes import Model, Result, forward, reverse
+from lightning_sensitivity._sharded import (
+    SensitivityShardingError,
+    ShardedFiniteDifferences,
+    ShardedModel,
+    uses_fsdp,
+)
 from lightning_sensitivity._targets import ResolvedTarget, resolve_targets, target_tensors
 from lightning_sensitivity._verify import (
     _LIKELY_CAUSES,
@@ -39,6 +45,8 @@ from lightning_sensitivity._verify import (
 
 Method = Literal["auto", "forward", "reverse"]
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
+Normalize = Literal["none", "parameter", "relative"]
+NORMALIZATIONS: tuple[str, ...] = ("none", "parameter", "relative")
 
 # Messages of errors that mean "this op or function has no forward-mode (or vmap) rule".
 _UNSUPPORTED_MARKERS = (
@@ -81,6 +89,7 @@ def per_sample_sensitivities(
     method: Method = "auto",
     chunk_size: int | None = None,
     verify: bool = False,
+    normalize: Normalize = "none",
 ) -> dict[str, Tensor]:
     """Derivative of every output element of ``module(*args, **kwargs)`` with respect to each target.
 
@@ -104,6 +113,9 @@ def per_sample_sensitivities(
             256 output elements in reverse mode.
         verify: also compare the result with central finite differences (about two more forward passes per
             target) and raise :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree.
+        normalize: ``"none"``: ``dy/dθ``; ``"parameter"``: ``θ · dy/dθ`` (the scaled sensitivity, in the units
+            of ``y``); ``"relative"``: ``(θ / y) · dy/dθ`` (the elasticity: the relative change of ``y`` per
+            relative change of ``θ``; non-finite where ``y`` is 0).
 
     Returns:
         A dict from each target's canonical label (``name`` or ``name[i, j]``, negative indices made
@@ -145,10 +157,19 @@ def per_sample_sensitivities(
     api = "per_sample_sensitivities"
     check_method(method, api)
     check_chunk_size(chunk_size, api)
+    check_normalize(normalize, api)
     resolved = resolve_targets(module, targets, api)
     on_check = _raise_on_mismatch(api) if verify else None
     return compute_sensitivities(
-        module, resolved, args, kwargs, method=method, chunk_size=chunk_size, api=api, on_check=on_check
+        module,
+        resolved,
+        args,
+        kwargs,
+        method=method,
+        chunk_size=chunk_size,
+        api=api,
+        on_check=on_check,
+        normalize=normalize,
     )
 
 
@@ -165,6 +186,13 @@ def check_method(method: str, api: str) -> None:
     """Raise a ``ValueError`` naming ``method`` unless it is one of :data:`METHODS`."""
     if method not in METHODS:
         raise ValueError(f"{api}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
+
+
+def check_normalize(normalize: str, api: str) -> None:
+    """Raise a ``ValueError`` naming ``normalize`` unless it is one of :data:`NORMALIZATIONS`."""
+    if normalize not in NORMALIZATIONS:
+        choices = ", ".join(map(repr, NORMALIZATIONS))
+        raise ValueError(f"{api}: normalize must be one of {choices}; got {normalize!r}.")
 
 
 def check_chunk_size(chunk_size: int | None, api: str) -> None:
@@ -184,13 +212,14 @@ def compute_sensitivities(
     function: Callable[..., Any] | None = None,
     api: str = "per_sample_sensitivities",
     on_check: Callable[[list[Mismatch]], None] | None = None,
+    normalize: Normalize = "none",
 ) -> dict[str, Tensor]:
     """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
 
     With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
     differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
     With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
-    targets that disagree (an empty list when all agree).
+    targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
     """
     if isinstance(args, Tensor):
         args = (args,)
@@ -200,11 +229,80 @@ def compute_sensitivities(
     plan = _PLANS.setdefault(module, _Plan(rnn=has_rnn(module)))
     model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
-    checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
-    sens = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+    if uses_fsdp(module):
+        with ShardedModel(model, resolved, tensors) as sharded:
+            sens, output = _differentiate_sharded(sharded, plan, method, chunk_size, api, on_check)
+            values = sharded.values() if normalize != "none" else {}
+    else:
+        checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
+        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api)
+        if checker is not None and on_check is not None:
+            on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
+        values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
+    if normalize == "none":
+        return sens
+    scaled = {}
+    for target in resolved:
+        theta = values[target.label].to(output.dtype)
+        factor = theta if normalize == "parameter" else theta / output
+        scaled[target.label] = factor * sens[target.label]
+    return scaled
+
+
+def _differentiate_sharded(
+    sharded: ShardedModel,
+    plan: _Plan,
+    method: Method,
+    chunk_size: int | None,
+    api: str,
+    on_check: Callable[[list[Mismatch]], None] | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Forward mode for a model sharded with FSDP2: the tangents are given inside the forward of each target's
+    managing module (``_sharded.py``). Every process runs the same evaluations (each is a collective)."""
+    model = sharded.model
+    if method == "reverse":
+        raise ValueError(
+            f"{api}: method='reverse' is not available for a model sharded with FSDP (fully_shard); use "
+            "method='forward' or 'auto'."
+        )
+    checker = ShardedFiniteDifferences(sharded) if on_check is not None else None  # before the model runs
+    while True:
+        try:
+            sens, missing, output = sharded.forward(chunk_size, plan.vectorise)
+            break
+        except (NotImplementedError, RuntimeError) as error:
+            if not _is_unsupported(error) or isinstance(error, SensitivityShardingError):
+                raise
+            if plan.vectorise and len(sharded.resolved) > 1:
+                plan.vectorise = False
+                continue
+            raise RuntimeError(
+                f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}. Reverse "
+                "mode, the usual fallback, is not available for a model sharded with FSDP."
+            ) from error
+    todo = [t for t in missing if t.label not in plan.independent]
+    if todo:
+        differences = ShardedFiniteDifferences(sharded)
+        moved = {t.label: differences.depends(t, sens[t.label].dtype) for t in todo}
+        # every process must take the same way on: each evaluation of a sharded model is a collective
+        lost = [(t, moved[t.label]) for t in todo if _any_process(moved[t.label] is not None, output.device)]
+        if lost:
+            raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", ""))
+        plan.independent.update(t.label for t in todo)
     if checker is not None and on_check is not None:
-        on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
-    return sens
+        on_check([m for t in sharded.resolved if (m := checker.check(t, sens[t.label])) is not None])
+    return sens, output
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over every process of the default group (just ``flag`` without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _differentiate(
@@ -215,16 +313,17 @@ def _differentiate(
     method: Method,
     chunk_size: int | None,
     api: str,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], Tensor]:
     """Forward mode with its fallbacks, then reverse mode where forward mode cannot go; zeros where a
-    derivative never reached the output only once finite differences confirm that the output does not move."""
+    derivative never reached the output only once finite differences confirm that the output does not move.
+    Returns the sensitivities and the output."""
     if method != "reverse" and not plan.reverse:
         result = _forward(model, plan, resolved, tensors, method, chunk_size, api)
         if result is not None:
-            sens, missing = result
+            sens, missing, output = result
             lost = _lost(model, plan, tensors, missing, sens)
             if not lost:
-                return sens
+                return sens, output
             if method == "forward":
                 raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", "Use method='auto'."))
             plan.reverse = True
@@ -235,11 +334,11 @@ def _differentiate(
                 UserWarning,
                 stacklevel=4,
             )
-    sens, missing = reverse(model, resolved, tensors, chunk_size)
+    sens, missing, output = reverse(model, resolved, tensors, chunk_size)
     lost = _lost(model, plan, tensors, missing, sens)
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
-    return sens
+    return sens, output
 
 
 def _forward(

@@ -258,6 +258,21 @@ def read_events(log_dir) -> tuple[dict, dict]:
     )
 
 
+def read_text_and_images(log_dir) -> tuple[dict[str, list[tuple[int, str]]], dict[str, list]]:
+    """Text summaries ``{tag: [(step, markdown)]}`` and images ``{tag: [ImageEvent]}`` under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    texts = {
+        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in tags["tensors"]
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"
+    }
+    return texts, {tag: acc.Images(tag) for tag in tags["images"]}
+
+
 def expected_stats(values: Tensor) -> dict[str, float]:
     """What the histogram of ``values`` must hold: non-finite values left out and counted."""
     values = values.detach().double().reshape(-1)
@@ -272,6 +287,7 @@ def expected_stats(values: Tensor) -> dict[str, float]:
         "mean": float(finite.mean()),
         "std": float(finite.std()),
         "abs_mean": float(finite.abs().mean()),
+        "mean_square": float((finite * finite).mean()),
     }
 
 

@@ -49,6 +49,14 @@ def data(n: int, seed: int) -> TensorDataset:
 def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_single: bool) -> None:
     torch.manual_seed(0)
     monitor = SensitivityMonitor(["C", "net.0.weight[3, 1]"], drop_padded_duplicates=not keep_duplicates)
+    analysis = SensitivityMonitor(
+        ["C", "net.0.weight[3, 1]", "net.2.bias[1]"],
+        normalize="relative",
+        profiles=True,
+        prefix="analysis",
+        log_figures=False,
+        drop_padded_duplicates=not keep_duplicates,
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -56,13 +64,15 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
         max_epochs=2,
         limit_train_batches=2,
         logger=TensorBoardLogger(out_dir, name="", version=""),
-        callbacks=[monitor],
+        callbacks=[monitor, analysis],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
     model = Physics()
     trainer.fit(model, DataLoader(data(16, 0), batch_size=4), DataLoader(data(n_val, 1), batch_size=4))
+    result = {"summary": analysis.summary(), "correlation": analysis.correlation(), "profiles": analysis.profiles()}
+    torch.save(result, f"{out_dir}/analysis_rank{trainer.global_rank}.pt")
     if then_single:
         rank = trainer.global_rank
         single = L.Trainer(

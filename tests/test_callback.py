@@ -301,7 +301,7 @@ def test_without_tensorboard_one_warning_and_scalars_still_logged(tmp_path, logg
     logger = CSVLogger(tmp_path) if logger == "csv" else False
     data = DataLoader(physics_data(16), batch_size=8)
     t = trainer(tmp_path, SensitivityMonitor(targets=["C"]), logger=logger, max_epochs=2)
-    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+    with pytest.warns(UserWarning, match="no TensorBoard, W&B or MLflow logger") as record:
         t.fit(Physics(), data, data)
     assert len([w for w in record if "TensorBoardLogger" in str(w.message)]) == 1
     expected = expected_stats(physics_data(16).tensors[0][:, :1].expand(-1, 3))
@@ -339,7 +339,7 @@ def test_memory_does_not_grow_with_the_validation_set(tmp_path):
         t = trainer(tmp_path / str(n), monitor)
         val = physics_data(n, seed=8)
         t.validate(Physics(), DataLoader(val, batch_size=64))
-        state = monitor._aggregator.metric_state
+        state = monitor._runs["validate"].aggregator.metric_state
         sizes[n] = sum(v.numel() * v.element_size() for v in state.values())
         histograms, _ = read_events(t.logger.log_dir)
         assert histograms["sensitivity/C"][0].histogram_value.num == 3 * n

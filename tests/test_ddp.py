@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_histogram, expected_stats, read_events
 from ddp_script import data
 
@@ -61,6 +62,29 @@ def test_ddp_histogram_covers_every_sample_exactly_once(runs):
         tag = f"sensitivity/C/{stat}"
         assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6, abs=1e-9)
     assert ddp_scalars["sensitivity/C/mean"][-1].value == pytest.approx(analytic["mean"], rel=1e-6)
+
+
+def test_ddp_analysis_equals_one_process(runs):
+    """Relative sensitivities, their ranking, correlation, collinearity and profiles: the same from 2 processes
+    as from 1, on every rank."""
+    root = Path(runs["ddp-dir"]).parent
+    single = torch.load(root / "single" / "analysis_rank0.pt")
+    for rank in (0, 1):
+        ddp = torch.load(root / "ddp" / f"analysis_rank{rank}.pt")
+        for label, stats in single["summary"].items():
+            assert ddp["summary"][label]["count"] == stats["count"] == 75
+            assert ddp["summary"][label]["rank"] == stats["rank"]
+            for key in ("mean", "std", "abs_mean", "mean_square", "min", "max"):
+                assert ddp["summary"][label][key] == pytest.approx(stats[key], rel=1e-9, abs=1e-12), (label, key)
+        assert ddp["correlation"][0] == single["correlation"][0]
+        torch.testing.assert_close(ddp["correlation"][1], single["correlation"][1], rtol=1e-9, atol=1e-12)
+        for label, profile in single["profiles"].items():
+            for key in ("mean", "abs_mean"):
+                torch.testing.assert_close(ddp["profiles"][label][key], profile[key], rtol=1e-9, atol=1e-12)
+    _, single_scalars = runs["single"]
+    _, ddp_scalars = runs["ddp"]
+    for tag in ("analysis/collinearity", "analysis/C/mean_square", "analysis/net.2.bias[1]/nonfinite"):
+        assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6), tag
 
 
 def test_single_device_run_after_ddp_counts_only_its_own_samples(runs):

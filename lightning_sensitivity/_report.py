@@ -1,0 +1,110 @@
+"""One epoch's statistics as people read them: per-target numbers and their ranking, the correlation of the
+targets, profiles along the output, and a Markdown table.
+
+The callback builds a :class:`Report` once per logged epoch (one copy of the reduced state to the host) and
+hands it to the sinks (``_sinks.py``) and the figures (``_figures.py``). Nothing here touches the engine or
+the aggregators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_sensitivity._aggregate import Histogram, collinearity, correlation
+
+#: The per-target numbers of :meth:`SensitivityMonitor.summary`, in the order of the Markdown table.
+STATS = ("count", "nonfinite", "mean", "std", "abs_mean", "mean_square", "min", "max", "rank")
+#: The scalars logged per target through ``pl_module.log``.
+SCALARS = ("mean", "std", "abs_mean", "mean_square", "nonfinite")
+
+
+@dataclass
+class Report:
+    """One logged epoch, on the host.
+
+    Attributes:
+        step: ``trainer.global_step`` when it was logged.
+        labels: the targets' canonical labels, in order.
+        stats: ``{label: {"count", "nonfinite", "mean", "std", "abs_mean", "mean_square", "min", "max",
+            "rank"}}`` as Python numbers; ``rank`` 1 is the largest ``abs_mean`` (Morris' μ*).
+        correlation: Pearson correlation of the targets' values, ``[K, K]`` float64.
+        collinearity: the collinearity index of the set of targets (1 for orthogonal sensitivities).
+        histograms: one per target.
+        profiles: ``{dataloader_idx: {label: {"mean": Tensor[*out], "abs_mean": Tensor[*out]}}}``.
+    """
+
+    step: int
+    labels: list[str]
+    stats: dict[str, dict[str, float]]
+    correlation: Tensor
+    collinearity: float
+    histograms: list[Histogram]
+    profiles: dict[int, dict[str, dict[str, Tensor]]] = field(default_factory=dict)
+
+    def ranked(self) -> list[str]:
+        """Labels from rank 1 down."""
+        return sorted(self.labels, key=lambda label: self.stats[label]["rank"])
+
+
+def build_report(
+    step: int,
+    labels: Sequence[str],
+    state: dict[str, Tensor],
+    histograms: list[Histogram],
+    profiles: dict[int, tuple[Tensor, Tensor]],
+) -> Report:
+    """A :class:`Report` from the aggregator's reduced state on the host (``SensitivityAggregator.compute``,
+    moved to the CPU) and the profiles' means (``ProfileAggregator.profiles``) per dataloader."""
+    k = len(labels)
+    rows = {name: state[name].reshape(k, -1)[:, 0].tolist() for name in STATS if name != "rank"}
+    order = sorted(range(k), key=lambda i: (_descending(rows["abs_mean"][i]), i))
+    rank = {i: position + 1 for position, i in enumerate(order)}
+    stats = {}
+    for i, label in enumerate(labels):
+        entry: dict[str, float] = {name: float(rows[name][i]) for name in rows}
+        entry["count"], entry["nonfinite"], entry["rank"] = int(rows["count"][i]), int(rows["nonfinite"][i]), rank[i]
+        stats[label] = entry
+    products = state["products"].reshape(k, k).to(torch.float64)
+    corr = correlation(products, state["product_sum"].reshape(k).to(torch.float64), state["product_count"])
+    by_loader = {
+        idx: {label: {"mean": mean[i], "abs_mean": abs_mean[i]} for i, label in enumerate(labels)}
+        for idx, (mean, abs_mean) in sorted(profiles.items())
+    }
+    return Report(step, list(labels), stats, corr, float(collinearity(products)), histograms, by_loader)
+
+
+def _descending(value: float) -> float:
+    return math.inf if math.isnan(value) else -value
+
+
+def markdown(report: Report, prefix: str) -> str:
+    """The ranked table of targets, for TensorBoard's text tab.
+
+    Example:
+        >>> stats = {"count": 4, "nonfinite": 0, "mean": 1.0, "std": 0.5, "abs_mean": 1.0, "mean_square": 1.25,
+        ...          "min": 0.5, "max": 1.5, "rank": 1}
+        >>> report = Report(3, ["k"], {"k": stats}, torch.ones(1, 1), 1.0, [])
+        >>> print(markdown(report, "sensitivity").splitlines()[-1])
+        | 1 | `k` | 1 | 0.5 | 1 | 1.25 | 0.5 | 1.5 | 4 | 0 |
+    """
+    lines = [
+        f"**{prefix}** at step {report.step}: targets ranked by mean |dy/dθ| (μ*); collinearity index of the "
+        f"set {_number(report.collinearity)}.",
+        "",
+        "| rank | target | mean | std | mean \\|dy/dθ\\| (μ*) | mean square (ν) | min | max | count | non-finite |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in report.ranked():
+        s = report.stats[label]
+        numbers = " | ".join(_number(s[name]) for name in ("mean", "std", "abs_mean", "mean_square", "min", "max"))
+        lines.append(f"| {s['rank']} | `{label}` | {numbers} | {s['count']} | {s['nonfinite']} |")
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"

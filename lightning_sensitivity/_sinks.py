@@ -1,0 +1,152 @@
+"""Where an epoch's :class:`~lightning_sensitivity._report.Report` goes besides ``pl_module.log``: TensorBoard
+(histograms, the Markdown table, figures as images), Weights & Biases (histograms, the table, figures) and
+MLflow (the table and figures, histograms drawn as figures, as artifacts: MLflow has no histogram type).
+
+A sink is found per logger of the Trainer, for the loggers of ``lightning.pytorch`` and of the standalone
+``pytorch_lightning`` package alike; every method runs on global rank zero only. ``figure`` is called from the
+drawing thread.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_sensitivity._figures import pixels
+from lightning_sensitivity._report import Report
+
+#: Weights & Biases refuses histograms of more bins than this.
+WANDB_MAX_BINS = 512
+
+
+def _logger_classes(name: str) -> tuple[type, ...]:
+    """The logger class ``name`` of ``lightning.pytorch`` and, when it is imported, of ``pytorch_lightning``."""
+    classes = []
+    for package in ("lightning.pytorch.loggers", "pytorch_lightning.loggers"):
+        module = sys.modules.get(package)
+        if module is None and package == "lightning.pytorch.loggers":
+            import lightning.pytorch.loggers as module
+        cls = getattr(module, name, None) if module is not None else None
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
+
+
+class TensorBoardSink:
+    """Histograms (``add_histogram_raw``), the table (text tab, under exactly ``<prefix>/summary``), figures
+    (images tab)."""
+
+    histograms_as_figures = False
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    @property
+    def writer(self) -> Any:
+        return self.logger.experiment
+
+    def histograms(self, prefix: str, report: Report) -> None:
+        for label, hist in zip(report.labels, report.histograms, strict=True):
+            if hist.num == 0:
+                continue
+            self.writer.add_histogram_raw(
+                f"{prefix}/{label}",
+                min=hist.min,
+                max=hist.max,
+                num=hist.num,
+                sum=hist.sum,
+                sum_squares=hist.sum_squares,
+                bucket_limits=hist.bucket_limits,
+                bucket_counts=hist.bucket_counts,
+                global_step=report.step,
+            )
+
+    def table(self, tag: str, report: Report, text: str) -> None:
+        step = report.step
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        if file_writer is None:  # not torch's SummaryWriter: its own text summary, whatever tag it makes
+            self.writer.add_text(tag, text, step)
+            return
+        from tensorboard.plugins.text.summary_v2 import text_pb  # add_text would append "/text_summary"
+
+        file_writer().add_summary(text_pb(tag, text), step)
+
+    def figure(self, tag: str, figure: Any, step: int) -> None:
+        self.writer.add_image(tag, pixels(figure), step, dataformats="HWC")
+
+
+class WandbSink:
+    """Histograms as ``wandb.Histogram`` from the same exact buckets (at most 512 bins, neighbours merged), the
+    table as a ``wandb.Table``, figures as ``wandb.Image``; every entry at ``trainer/global_step``."""
+
+    histograms_as_figures = False
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def histograms(self, prefix: str, report: Report) -> None:
+        import numpy as np
+        import wandb
+
+        entries = {}
+        for label, hist in zip(report.labels, report.histograms, strict=True):
+            if hist.num > 0:
+                counts, edges = hist.bins(WANDB_MAX_BINS)
+                bins = (np.asarray(counts), np.asarray(edges))
+                entries[f"{prefix}/{label}"] = wandb.Histogram(np_histogram=bins)
+        if entries:
+            self.logger.log_metrics(entries, step=report.step)
+
+    def table(self, tag: str, report: Report, text: str) -> None:
+        import wandb
+
+        names = ["rank", "target", "mean", "std", "abs_mean", "mean_square", "min", "max", "count", "nonfinite"]
+        rows = [
+            [label if name == "target" else report.stats[label][name] for name in names] for label in report.ranked()
+        ]
+        columns: list[str | int] = list(names)
+        self.logger.log_metrics({tag: wandb.Table(columns=columns, data=rows)}, step=report.step)
+
+    def figure(self, tag: str, figure: Any, step: int) -> None:
+        import wandb
+
+        self.logger.log_metrics({tag: wandb.Image(pixels(figure))}, step=step)
+
+
+class MLflowSink:
+    """The table (``log_text``) and figures (``log_figure``, histograms among them) as artifacts of the run,
+    under ``<tag>/step_<step>``: MLflow has no histogram, text or image series of its own."""
+
+    histograms_as_figures = True
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def histograms(self, prefix: str, report: Report) -> None:
+        pass  # drawn as figures
+
+    def table(self, tag: str, report: Report, text: str) -> None:
+        self.logger.experiment.log_text(self.logger.run_id, text, f"{tag}/step_{report.step:08d}.md")
+
+    def figure(self, tag: str, figure: Any, step: int) -> None:
+        self.logger.experiment.log_figure(self.logger.run_id, figure, f"{tag}/step_{step:08d}.png")
+
+
+Sink = TensorBoardSink | WandbSink | MLflowSink
+
+
+def find_sinks(loggers: Sequence[Any]) -> list[Sink]:
+    """A sink per TensorBoard, W&B and MLflow logger among ``loggers``, in their order."""
+    kinds: list[tuple[tuple[type, ...], type]] = [
+        (_logger_classes("TensorBoardLogger"), TensorBoardSink),
+        (_logger_classes("WandbLogger"), WandbSink),
+        (_logger_classes("MLFlowLogger"), MLflowSink),
+    ]
+    sinks: list[Sink] = []
+    for logger in loggers:
+        for classes, sink in kinds:
+            if classes and isinstance(logger, classes):
+                sinks.append(sink(logger))
+                break
+    return sinks

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test suite against the lowest versions pyproject.toml declares, so that its lower bounds stay true: in a
+# separate .venv-lowest, torch first (TORCH_SPEC, default torch==2.13.0), then the package with its `test` extra,
+# every lower bound of `dependencies` and of the `cli` extra pinned with == (read from pyproject.toml; the test
+# tools themselves, pytest, ruff, transformers, torchdiffeq and torchode, at their newest).
+#
+# Which tests: by default those that meet the pinned packages, i.e. every test that runs a Trainer, the
+# aggregator, TensorBoard, another logger or LightningCLI (test_analysis, test_callback, test_ddp,
+# test_examples, test_faults, test_loggers, test_stages, test_trust_trainer) and the package's doctests. The engine's own tests (test_functional, test_targets,
+# test_trust) use only torch and the test tools, which are the same versions as in the main job, so running
+# them again would add minutes to CI and test nothing new. Arguments replace that selection and go to
+# pytest, e.g. `bash scripts/test-lowest.sh tests` for everything, or `bash scripts/test-lowest.sh -k cli -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lowest=$(mktemp)
+trap 'rm -f "$lowest"' EXIT
+# (tomllib: the machine's python3 must be 3.11 or newer)
+python3 - "$lowest" <<'PY'
+import re, sys, tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = []
+for requirement in project["dependencies"] + project["optional-dependencies"]["cli"]:
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)", requirement.strip())
+    if match is None:
+        sys.exit(f"test-lowest: no lower bound to pin in {requirement!r}")
+    name, version = match.groups()
+    if name != "torch":  # one torch build installs here: TORCH_SPEC
+        pins.append(f"{name}=={version}")
+open(sys.argv[1], "w").write("\n".join(pins) + "\n")
+print("test-lowest: pinned", ", ".join(pins))
+PY
+# PIP_CONSTRAINT holds every pip call of setup-env.sh to those versions.
+PIP_CONSTRAINT="$lowest" VENV=${VENV:-.venv-lowest} EXTRAS=test . scripts/setup-env.sh
+python -c "
+import importlib.metadata as m
+print('test-lowest:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'lightning', 'torchmetrics', 'tensorboard', 'jsonargparse', 'numpy')))"
+if [ $# -eq 0 ]; then
+  set -- tests/test_analysis.py tests/test_callback.py tests/test_ddp.py tests/test_examples.py \
+    tests/test_faults.py tests/test_loggers.py tests/test_stages.py tests/test_trust_trainer.py lightning_sensitivity
+fi
+python -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,131 @@
+"""Histograms, tables and figures on other loggers: Weights & Biases (offline, read back from its run file) and
+MLflow (a local file store, read back from its artifacts)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import expected_stats
+from test_analysis import Decay, inputs
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sensitivity import SensitivityMonitor
+
+
+def wandb_history(root: Path, timeout: float = 60.0) -> list[dict[str, object]]:
+    """Every history row of the offline runs under ``root``, once each run's file holds its exit record (W&B's
+    service writes it after ``finish()`` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows, finished = _wandb_records(root)
+        if finished or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(root: Path) -> tuple[list[dict[str, object]], bool]:
+    """History rows and whether every run has exited, read from the ``.wandb`` files (a LevelDB-style log of
+    protobuf records: a 7-byte header, then 32 KiB blocks of checksum, length, type and payload)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows, exits, runs = [], 0, 0
+    for path in sorted(root.rglob("run-*.wandb")):
+        runs += 1
+        data, pos, pending = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left
+                continue
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind not in (1, 4):
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            kind_of = record.WhichOneof("record_type")
+            exits += kind_of == "exit"
+            if kind_of == "history":
+                items = record.history.item
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return rows, runs > 0 and exits == runs
+
+
+class Spread(L.LightningModule):
+    """``y = C * x`` with ``x`` spread over 2^-100 .. 2^100: the histogram has far more than 512 buckets."""
+
+    def __init__(self):
+        super().__init__()
+        self.C = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.C * x
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self(batch[0]).mean())
+
+
+def test_wandb_histograms_table_and_figures_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    x = torch.exp2(torch.linspace(-100, 100, 2000, dtype=torch.float64)).reshape(-1, 1)
+    x[::2] *= -1
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="sensitivity-test")
+    monitor = SensitivityMonitor(targets="C", log_figures=True)
+    trainer = L.Trainer(logger=logger, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(Spread(), DataLoader(TensorDataset(x), batch_size=500))
+    logger.experiment.finish()
+    rows = wandb_history(tmp_path)
+    (histogram,) = [row for row in rows if "sensitivity/C/_type" in row]
+    assert histogram["sensitivity/C/_type"] == "histogram"
+    counts, bins = histogram["sensitivity/C/values"], histogram["sensitivity/C/bins"]
+    assert 100 < len(counts) <= 512 and len(bins) == len(counts) + 1
+    assert sum(counts) == 2000  # exact after merging neighbours
+    assert bins == sorted(bins) and bins[0] <= float(x.min()) and bins[-1] >= float(x.max())
+    stats = expected_stats(x)
+    assert monitor.summary()["C"]["mean"] == pytest.approx(stats["mean"], rel=1e-9, abs=1e-12)
+    assert any(row.get("sensitivity/summary/_type") == "table-file" for row in rows)
+    pytest.importorskip("matplotlib")
+    assert any(row.get("sensitivity/ranking/_type") == "image-file" for row in rows)
+
+
+def test_mlflow_table_and_figures_as_artifacts(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="sensitivity", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    monitor = SensitivityMonitor(targets=["A", "k"], profiles=True)
+    trainer = L.Trainer(logger=logger, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(Decay(), DataLoader(TensorDataset(inputs()), batch_size=8))
+    artifacts = tmp_path / "mlruns"
+    found = {p.relative_to(next(artifacts.rglob("artifacts"))).as_posix() for p in artifacts.rglob("step_*")}
+    for name in (
+        "sensitivity/summary/step_00000000.md",
+        "sensitivity/ranking/step_00000000.png",
+        "sensitivity/correlation/step_00000000.png",
+        "sensitivity/histogram/A/step_00000000.png",
+        "sensitivity/profile/k/step_00000000.png",
+    ):
+        assert name in found, (name, sorted(found))
+    table = next(artifacts.rglob("sensitivity/summary/step_00000000.md")).read_text()
+    assert "`A`" in table and "`k`" in table
+    metrics = {p.name for p in artifacts.rglob("metrics/sensitivity/*/*")} | {
+        p.name for p in artifacts.rglob("metrics/sensitivity/*")
+    }
+    assert "mean_square" in metrics and "collinearity" in metrics
