@@ -9,17 +9,17 @@ here chooses between the ways.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels
+from lightning_sensitivity._products import OneHot, Products
 from lightning_sensitivity._targets import ResolvedTarget
 
 #: Elements of the one-hot cotangent block the reverse-mode fallback builds at once, by default.
@@ -27,6 +27,8 @@ _REVERSE_BLOCK_ELEMENTS = 2**22
 _REVERSE_MAX_CHUNK = 256
 #: What ``torch.func.jvp(..., strict=True)`` says when the output carries no tangent at all.
 _INDEPENDENT = "independent of the inputs"
+#: Modules whose forward runs a backward pass (``torch.autograd.grad`` inside): pushed without ``Products``.
+_BACKWARD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: The sensitivities by label, the targets whose derivative never reached the output, and the output itself.
 Result = tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]
@@ -68,10 +70,11 @@ class Model:
         then: Callable[[Tensor], Any] | None = None,
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
+        products: Products | None = None,
     ) -> Any:
         """The output with ``tensors`` (name -> tensor) in place of the module's own; with ``then``,
         ``then(output)``, evaluated while they are still in place (a backward pass that re-runs the module,
-        as adjoint ODE solvers do, must see them)."""
+        as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``)."""
         swapped = {
             _Runner.PREFIX + name: tensor
             for name, tensor in {**_private_buffers(self.module, tensors), **tensors}.items()
@@ -81,7 +84,7 @@ class Model:
         batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
         self.runner.then = then
         try:
-            with eager(), batch_norm:
+            with eager(), batch_norm, products or contextlib.nullcontext():
                 return functional_call(self.runner, swapped, args, kwargs)
         finally:
             self.runner.then = None
@@ -159,6 +162,27 @@ def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched
     return tangents if batched else {name: t[0] for name, t in tangents.items()}
 
 
+def _on(device: torch.device, data: Any, dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(data)`` on ``device``, without waiting for the device: on CUDA through pinned memory (a copy
+    from pageable memory synchronises the stream)."""
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
+def _rows(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Where the one-hot tangents of ``part`` put their 1, row by row, for the tensors that products use as
+    weights (two dimensions or more): ``index[name] [len(part), dim]`` and ``mask[name] [len(part)]``, false in
+    the rows of targets in other tensors."""
+    index, mask = {}, {}
+    for name, tensor in tensors.items():
+        if tensor.dim() >= 2:
+            rows = [target.index if target.name == name else (0,) * tensor.dim() for target in part]
+            index[name] = _on(tensor.device, rows, torch.long)
+            mask[name] = _on(tensor.device, [target.name == name for target in part], torch.bool)
+    return index, mask
+
+
 def forward(
     model: Model,
     resolved: Sequence[ResolvedTarget],
@@ -167,35 +191,59 @@ def forward(
     vectorise: bool,
 ) -> Result:
     """Forward mode: one target by dual numbers; several by ``vmap`` over ``jvp``, ``chunk_size`` at a time
-    (one tangent at a time when not ``vectorise``). Every chunk sees the same random numbers (dropout masks),
-    those of a single evaluation."""
+    (one tangent at a time when not ``vectorise``); both under :class:`Products`, unless the model runs a
+    backward pass inside (then the chunk is pushed again without it, and the module remembered). Every chunk
+    sees the same random numbers (dropout masks), those of a single evaluation."""
     targets = {name: tensor.detach() for name, tensor in tensors.items()}
+    made: list[Products] = []
 
-    def output_and_tangent(tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return jvp(model, (targets,), (tangent,), strict=True)
+    def products(duals: Iterable[Tensor], one_hot: list[OneHot]) -> Products | None:
+        if model.module in _BACKWARD_INSIDE:
+            return None
+        made.append(Products(duals, one_hot))
+        return made[-1]
+
+    def output_and_tangent(
+        tangent: dict[str, Tensor], index: dict[str, Tensor], mask: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        def evaluate(duals: dict[str, Tensor]) -> Tensor:
+            one_hot = [OneHot(duals[name], index[name], mask[name]) for name in index]
+            return model(duals, products=products(duals.values(), one_hot))
+
+        return jvp(evaluate, (targets,), (tangent,), strict=True)
+
+    def push(part: Sequence[ResolvedTarget]) -> tuple[Tensor, Tensor | None]:
+        """``(output, columns [len(part), *output.shape])``: ``columns`` is ``None`` when no tangent reached the
+        output."""
+        if len(part) == 1:
+            output, column = _tangent_by_dual_numbers(model, tensors, part[0], products)
+            return output, None if column is None else column.unsqueeze(0)
+        try:
+            tangents = _one_hot(part, tensors, batched=True)
+            batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))
+            output, columns = batched(tangents, *_rows(part, tensors))
+            return output, columns
+        except RuntimeError as error:
+            if _INDEPENDENT not in str(error):
+                raise
+            with torch.no_grad():
+                return model(targets), None
 
     step = len(resolved) if chunk_size is None else chunk_size
     step = step if vectorise else 1
     chunks = [resolved[start : start + step] for start in range(0, len(resolved), step)]
-    rng = RandomState(model.device) if len(chunks) > 1 else None
+    rng = RandomState(model.device)
     out: dict[str, Tensor] = {}
     missing: list[ResolvedTarget] = []
-    for part in chunks:
-        if rng is not None:
+    for number, part in enumerate(chunks):
+        if number > 0:
             rng.restore()
-        columns: Tensor | None
-        if len(part) == 1:
-            output, column = _tangent_by_dual_numbers(model, tensors, part[0])
-            columns = None if column is None else column.unsqueeze(0)
-        else:
-            try:
-                batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))
-                output, columns = batched(_one_hot(part, tensors, batched=True))
-            except RuntimeError as error:
-                if _INDEPENDENT not in str(error):
-                    raise
-                with torch.no_grad():
-                    output, columns = model(targets), None
+        made.clear()
+        output, columns = push(part)
+        if any(p.backward_ran for p in made):  # its saved tensors may have lacked tangents: again, by torch's rules
+            _BACKWARD_INSIDE.add(model.module)
+            rng.restore()
+            output, columns = push(part)
         if columns is None:  # no tangent reached the output: zeros, to be confirmed by the caller
             missing.extend(part)
             columns = torch.zeros_like(output).unsqueeze(0).expand(len(part), *output.shape)
@@ -205,12 +253,15 @@ def forward(
 
 
 def _tangent_by_dual_numbers(
-    model: Model, tensors: dict[str, Tensor], target: ResolvedTarget
+    model: Model,
+    tensors: dict[str, Tensor],
+    target: ResolvedTarget,
+    products: Callable[[Iterable[Tensor], list[OneHot]], Products | None],
 ) -> tuple[Tensor, Tensor | None]:
     """The tangent of the output along one target, pushed with plain dual numbers
-    (``torch.autograd.forward_ad``): the formulas of ``torch.func.jvp`` without its wrapping, and, for an
-    element of a weight that ``F.linear`` uses, without the dense product by a one-hot matrix. Returns the
-    output and its tangent, ``None`` when the output carries none.
+    (``torch.autograd.forward_ad``): the formulas of ``torch.func.jvp`` without its wrapping, and, under
+    :class:`Products`, without products by zero tangents or by a one-hot weight. Returns the output and its
+    tangent, ``None`` when the output carries none.
 
     Dual numbers silently lose their tangent under inference mode (as do dual numbers made of inference
     tensors), so inference mode is left for the call, and primals, tangents and inputs are made outside it
@@ -226,40 +277,13 @@ def _tangent_by_dual_numbers(
         with torch.enable_grad():
             leaf = _writable(tensors[target.name].detach()).requires_grad_(True)
             dual = fwAD.make_dual(leaf, tangent)
-        linear = _OneHotLinear(dual, target.index) if dual.dim() == 2 else contextlib.nullcontext()
-        with torch.set_grad_enabled(grad), linear:
-            output = model({target.name: dual}, args=_writable(model.args), kwargs=_writable(model.kwargs))
+        one_hot = [OneHot(dual, _on(dual.device, target.index, torch.long))] if dual.dim() >= 2 else []
+        mode = products([dual], one_hot)
+        with torch.set_grad_enabled(grad):
+            args, kwargs = _writable(model.args), _writable(model.kwargs)
+            output = model({target.name: dual}, args=args, kwargs=kwargs, products=mode)
         primal, out_tangent = fwAD.unpack_dual(output)
     return primal, out_tangent
-
-
-class _OneHotLinear(TorchFunctionMode):
-    """While active, ``F.linear(x, weight, bias)`` with ``weight`` the dual target (tangent ``E_ij``, one-hot)
-    adds the tangent ``x[..., j]`` to output column ``i`` directly, instead of the product ``x @ E_ij^T``:
-    ``in x out`` multiply-adds per sample, nearly all by zero, that cost as much as the layer itself. The
-    values are the same (and a non-finite ``x[..., k != j]`` no longer leaks in as ``0 * inf``). Every other
-    use of the weight goes through ordinary forward mode.
-    """
-
-    def __init__(self, weight: Tensor, index: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = weight
-        self.primal = fwAD.unpack_dual(weight).primal
-        self.row, self.col = index
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is not F.linear:
-            return func(*args, **kwargs)
-        params = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
-        if params.get("weight") is not self.weight:
-            return func(*args, **kwargs)
-        x = params["input"]
-        y = F.linear(x, self.primal, params.get("bias"))  # carries the tangents of x and bias, if any
-        y_primal, y_tangent = fwAD.unpack_dual(y)
-        tangent = torch.zeros_like(y_primal) if y_tangent is None else y_tangent.clone()
-        tangent[..., self.row] += fwAD.unpack_dual(x).primal[..., self.col]
-        return fwAD.make_dual(y_primal, tangent)
 
 
 def _writable(value: Any) -> Any:

@@ -151,20 +151,26 @@ def test_nan_parameter_never_crashes_and_is_counted(tmp_path):
     model = Physics()
     with torch.no_grad():
         model.net[2].weight[0, 0] = float("nan")
-    t = trainer(tmp_path, SensitivityMonitor(targets=["C", "net.2.bias[1]"]))
+    # one target at a time: rows pushed together by vmap share products, and a zero row times NaN is NaN
+    t = trainer(tmp_path, SensitivityMonitor(targets=["C", "net.0.bias[0]", "net.2.bias[1]"], chunk_size=1))
     val = physics_data(10, seed=12)
     t.validate(model, DataLoader(val, batch_size=5))
     histograms, scalars = read_events(t.logger.log_dir)
-    # output 0 is NaN for every sample, and so is its derivative with respect to anything (0 * NaN is NaN);
-    # outputs 1 and 2 stay finite and are counted exactly
-    c = val.tensors[0][:, :1].expand(-1, 3).clone()
-    c[:, 0] = float("nan")
-    assert_histogram(histograms["sensitivity/C"][0], expected_stats(c))
-    bias = torch.tensor([float("nan"), 1.0, 0.0]).expand(10, 3)
+    # Output 0 is NaN for every sample. Its derivative with respect to net.0.bias[0], W[:, 0] * tanh'(z[:, 0]),
+    # runs through the NaN weight and is NaN too, and counted; outputs 1 and 2 stay finite. The derivatives with
+    # respect to C and net.2.bias[1] do not touch the NaN weight: they are exact (x[:, 0] and 0, as the loop of
+    # autograd.grad gives them), with no 0 * NaN from a product by a zero tangent.
+    with torch.no_grad():
+        z = model.net[0](val.tensors[0])
+        expected = model.net[2].weight[:, 0] * (1 - torch.tanh(z[:, :1]) ** 2)
+    assert expected[:, 0].isnan().all() and expected[:, 1:].isfinite().all()
+    assert_histogram(histograms["sensitivity/net.0.bias[0]"][0], expected_stats(expected))
+    assert scalars["sensitivity/net.0.bias[0]/nonfinite"][0].value == 10
+    assert_histogram(histograms["sensitivity/C"][0], expected_stats(val.tensors[0][:, :1].expand(-1, 3)))
+    bias = torch.tensor([0.0, 1.0, 0.0]).expand(10, 3)
     assert_histogram(histograms["sensitivity/net.2.bias[1]"][0], expected_stats(bias))
-    assert scalars["sensitivity/C/nonfinite"][0].value == 10
-    assert scalars["sensitivity/net.2.bias[1]/nonfinite"][0].value == 10
-    assert scalars["sensitivity/net.2.bias[1]/mean"][0].value == pytest.approx(0.5)
+    assert scalars["sensitivity/C/nonfinite"][0].value == 0
+    assert scalars["sensitivity/net.2.bias[1]/mean"][0].value == pytest.approx(1 / 3)
 
 
 def test_reverse_method_and_chunking_in_the_trainer(tmp_path):
