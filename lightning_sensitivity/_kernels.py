@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None:  # torch < 2.6: no compiled code can be told to run eagerly; run it as it is
         return contextlib.nullcontext()
-    return set_stance("force_eager")
+    return cast("contextlib.AbstractContextManager[Any]", set_stance("force_eager"))
 
 
 def running_statistics(module: nn.Module, resolved: Sequence[ResolvedTarget], api: str) -> bool:

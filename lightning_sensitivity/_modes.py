@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -142,8 +142,8 @@ class RandomState:
     def _get(self) -> Tensor:
         assert self.accelerator is not None
         if self.device.index is None:
-            return self.accelerator.get_rng_state()
-        return self.accelerator.get_rng_state(self.device)
+            return cast(Tensor, self.accelerator.get_rng_state())
+        return cast(Tensor, self.accelerator.get_rng_state(self.device))
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
@@ -208,9 +208,9 @@ def forward(
     ) -> tuple[Tensor, Tensor]:
         def evaluate(duals: dict[str, Tensor]) -> Tensor:
             one_hot = [OneHot(duals[name], index[name], mask[name]) for name in index]
-            return model(duals, products=products(duals.values(), one_hot))
+            return cast(Tensor, model(duals, products=products(duals.values(), one_hot)))
 
-        return jvp(evaluate, (targets,), (tangent,), strict=True)
+        return cast("tuple[Tensor, Tensor]", jvp(evaluate, (targets,), (tangent,), strict=True))
 
     def push(part: Sequence[ResolvedTarget]) -> tuple[Tensor, Tensor | None]:
         """``(output, columns [len(part), *output.shape])``: ``columns`` is ``None`` when no tangent reached the
@@ -220,7 +220,8 @@ def forward(
             return output, None if column is None else column.unsqueeze(0)
         try:
             tangents = _one_hot(part, tensors, batched=True)
-            batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))
+            # out_dims=(None, 0): one output shared by all rows (valid; torch's annotation says int per output)
+            batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))  # type: ignore[arg-type]
             output, columns = batched(tangents, *_rows(part, tensors))
             return output, columns
         except RuntimeError as error:
@@ -276,13 +277,13 @@ def _tangent_by_dual_numbers(
         (tangent,) = _one_hot([target], {target.name: tensors[target.name]}, batched=False).values()
         with torch.enable_grad():
             leaf = _writable(tensors[target.name].detach()).requires_grad_(True)
-            dual = fwAD.make_dual(leaf, tangent)
+            dual: Tensor = fwAD.make_dual(leaf, tangent)  # type: ignore[no-untyped-call]
         one_hot = [OneHot(dual, _on(dual.device, target.index, torch.long))] if dual.dim() >= 2 else []
         mode = products([dual], one_hot)
         with torch.set_grad_enabled(grad):
             args, kwargs = _writable(model.args), _writable(model.kwargs)
             output = model({target.name: dual}, args=args, kwargs=kwargs, products=mode)
-        primal, out_tangent = fwAD.unpack_dual(output)
+        primal, out_tangent = fwAD.unpack_dual(output)  # type: ignore[no-untyped-call]
     return primal, out_tangent
 
 
@@ -336,7 +337,7 @@ def reverse(
         elif not blocks:  # an empty output
             out[target.label] = torch.zeros_like(output)
         else:
-            parts = [block[k][(slice(None), *target.index)] for block in blocks]  # type: ignore[index]
+            parts = [block[k][(slice(None), *target.index)] for block in blocks]
             out[target.label] = torch.cat(parts).to(output.dtype).reshape(output.shape)
     return out, missing, output
 
@@ -350,7 +351,4 @@ def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> li
     except RuntimeError:
         # A backward formula without a batching rule: one backward pass per row, the slow but sure way.
         rows = [torch.autograd.grad(output, inputs, row, retain_graph=True, allow_unused=True) for row in cotangents]
-        return [
-            None if rows[0][i] is None else torch.stack([r[i] for r in rows])  # type: ignore[misc]
-            for i in range(len(inputs))
-        ]
+        return [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]

@@ -17,7 +17,8 @@ taken for batched that is not, is refused rather than differentiated wrongly.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -87,10 +88,11 @@ def per_sample_reverse(
                 replaced[name] = fixed[name] + moved.sum()  # one target: the tensor itself
             else:
                 replaced[name] = fixed[name].index_put(indices[name], moved, accumulate=True)
-        return model(replaced, args=args, kwargs=kwargs)[0].reshape(-1)
+        return cast(Tensor, model(replaced, args=args, kwargs=kwargs)[0].reshape(-1))
 
     def jacobian(*sample: Tensor) -> tuple[Tensor, Tensor]:
-        y, pull = vjp(lambda delta: one_sample(delta, list(sample)), delta0)
+        # without has_aux, vjp returns (output, vjp_fn); its annotation also allows has_aux's triple
+        y, pull = cast("tuple[Tensor, Callable[..., Any]]", vjp(lambda delta: one_sample(delta, list(sample)), delta0))
         eye = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
         (rows,) = vmap(pull, chunk_size=_OUTPUT_CHUNK)(eye)  # [O, K]
         return y, rows

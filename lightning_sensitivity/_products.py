@@ -18,7 +18,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -105,7 +105,7 @@ def _split(value: Any) -> tuple[Any, Tensor | None]:
     """``(primal, tangent)`` of an operand; the tangent is ``None`` for numbers, ``None`` and plain tensors."""
     if not isinstance(value, Tensor):
         return value, None
-    primal, tangent = fwAD.unpack_dual(value)
+    primal, tangent = fwAD.unpack_dual(value)  # type: ignore[no-untyped-call]
     return primal, tangent
 
 
@@ -129,8 +129,9 @@ def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
         and primal.is_contiguous()
         and tangent.is_contiguous()
     ):
-        return fwAD.make_dual(base, tangent.reshape(base.shape)).view(primal.shape)
-    return fwAD.make_dual(primal, tangent)
+        dual = cast(Tensor, fwAD.make_dual(base, tangent.reshape(base.shape)))  # type: ignore[no-untyped-call]
+        return dual.view(primal.shape)
+    return cast(Tensor, fwAD.make_dual(primal, tangent))  # type: ignore[no-untyped-call]
 
 
 def _plus(total: Tensor | None, term: Tensor) -> Tensor:
@@ -140,7 +141,9 @@ def _plus(total: Tensor | None, term: Tensor) -> Tensor:
 class _Call:
     """``func(*args, **kwargs)`` whose parameters are read and replaced by name (``names``: the positional ones)."""
 
-    def __init__(self, func: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...], kwargs: dict) -> None:
+    def __init__(
+        self, func: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         self.func, self.names, self.args, self.kwargs = func, names, args, kwargs
 
     def get(self, name: str | None, default: Any = None) -> Any:
@@ -171,7 +174,9 @@ class _Product:
     one_hot_dim: int | None = None  # the second factor's dimensions the shortcut needs (None: any)
 
 
-def _product(spec: _Product, mode: Products, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _product(
+    spec: _Product, mode: Products, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     call = _Call(func, spec.names, args, kwargs)
     a, b, c = call.get(spec.factors[0]), call.get(spec.factors[1]), call.get(spec.bias)
     if kwargs.get("out") is not None or not mode.routable(a, b, c):
@@ -189,9 +194,10 @@ def _product(spec: _Product, mode: Products, func: Callable[..., Any], args: tup
     def term(x: Tensor, w: Tensor, add: Tensor | None) -> Tensor:
         """The product of ``x`` and ``w``, plus ``add`` (the bias's tangent) when given."""
         if not spec.scaled:
-            return call(**{fa: x, fb: w}, **({} if spec.bias is None else {spec.bias: add}))
+            return cast(Tensor, call(**{fa: x, fb: w}, **({} if spec.bias is None else {spec.bias: add})))
+        assert spec.bias is not None  # every scaled product (addmm and relatives) has one
         beta = call.get("beta", 1) if add is not None else 0  # beta = 0: the input is ignored, even nan
-        return call(**{fa: x, fb: w, spec.bias: pc if add is None else add, "beta": beta})  # type: ignore[dict-item]
+        return cast(Tensor, call(**{fa: x, fb: w, spec.bias: pc if add is None else add, "beta": beta}))
 
     tangent = None
     if ta is not None:
@@ -206,6 +212,7 @@ def _product(spec: _Product, mode: Products, func: Callable[..., Any], args: tup
         tangent = _plus(tangent, _like(primal, tc))
     if hot is not None:
         tangent = spec.one_hot(call, primal, pa, hot, tangent)  # type: ignore[misc]
+    assert tangent is not None  # a tangent on one factor or the bias, or a one-hot second factor
     return _dual(primal, tangent)
 
 
@@ -263,7 +270,7 @@ def _expand(value: Any, n: int) -> tuple[int, ...]:
     return values * n if len(values) == 1 else values
 
 
-def _einsum(mode: Products, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _einsum(mode: Products, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``einsum`` is linear in each operand: one term per operand that carries a tangent."""
     if not args or not isinstance(args[0], str) or kwargs:
         return func(*args, **kwargs)
@@ -280,13 +287,22 @@ def _einsum(mode: Products, func: Callable[..., Any], args: tuple, kwargs: dict)
     tangent = None
     for i in carrying:
         tangent = _plus(tangent, func(equation, *primals[:i], split[i][1], *primals[i + 1 :]))
+    assert tangent is not None  # ``carrying`` is not empty
     return _dual(func(equation, *primals), tangent)
 
 
 # ---- arithmetic with one operand that carries no tangent ----------------------------------------------------
 
 
-def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: Callable, args: tuple, kwargs: dict):  # type: ignore[no-untyped-def]
+def _arithmetic(
+    kind: str,
+    reverse: bool,
+    inplace: bool,
+    mode: Products,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
     """``left (kind) right`` (``right`` scaled by ``alpha`` for add and sub), the operands of ``func`` swapped
     when ``reverse`` (``__rsub__``, ``__rdiv__``); in place on the first operand when ``inplace``."""
     other = args[1] if len(args) > 1 else kwargs.get("other")
@@ -313,8 +329,9 @@ def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: C
         if tl is not None:
             tangent = _like(primal, tl)
         else:
+            assert tr is not None  # exactly one operand carries a tangent
             scale = -alpha if kind == "sub" else alpha
-            tangent = _like(primal, tr if scale == 1 else tr * scale)  # type: ignore[operator]
+            tangent = _like(primal, tr if scale == 1 else tr * scale)
     elif kind == "mul":
         tangent = tl * pr if tl is not None else pl * tr
     else:  # div
@@ -328,8 +345,12 @@ def _arithmetic(kind: str, reverse: bool, inplace: bool, mode: Products, func: C
 
 
 def _activation(
-    derivative: Callable[[Tensor, dict], Tensor], mode: Products, func: Callable, args: tuple, kwargs: dict
-):  # type: ignore[no-untyped-def]
+    derivative: Callable[[Tensor, dict[str, Any]], Tensor],
+    mode: Products,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
     """Under vmap over K tangents, torch's formula evaluates the activation's derivative K times (``gelu_backward``
     per row); here it is evaluated once, at the primal that every row shares, and multiplied by the tangents.
     Dual numbers (one tangent) keep torch's fused formula."""
@@ -343,12 +364,12 @@ def _activation(
     return _dual(primal, tx * derivative(px, kwargs))
 
 
-def _gelu_derivative(x: Tensor, kwargs: dict) -> Tensor:
-    return _aten.gelu_backward(torch.ones_like(x), x, approximate=kwargs.get("approximate", "none"))
+def _gelu_derivative(x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    return cast(Tensor, _aten.gelu_backward(torch.ones_like(x), x, approximate=kwargs.get("approximate", "none")))
 
 
-def _silu_derivative(x: Tensor, kwargs: dict) -> Tensor:
-    return _aten.silu_backward(torch.ones_like(x), x)
+def _silu_derivative(x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    return cast(Tensor, _aten.silu_backward(torch.ones_like(x), x))
 
 
 # ---- normalisations ------------------------------------------------------------------------------------------
@@ -360,15 +381,19 @@ def _silu_derivative(x: Tensor, kwargs: dict) -> Tensor:
 # statistics keep torch's formula (or BatchNormByOps).
 
 
+#: ``(primal, J t_x * weight or None, xhat or None)``, as :func:`_norm`'s ``parts`` return them.
+_Parts = tuple[Tensor, Tensor | None, Tensor | None]
+
+
 def _norm(
     names: tuple[str, ...],
-    parts: Callable,
+    parts: Callable[[_Call, Tensor, Tensor | None, Tensor | None, Tensor | None, bool], _Parts],
     per_channel: bool,
     mode: Products,
-    func: Callable,
-    args: tuple,
-    kwargs: dict,
-):  # type: ignore[no-untyped-def]
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
     """``parts(call, x, weight, bias, t_x, xhat_too) -> (primal, J t_x * weight or None, xhat or None)`` on
     primals; the affine weight and bias scale and shift channels (dimension 1) when ``per_channel``."""
     call = _Call(func, names, args, kwargs)
@@ -381,10 +406,12 @@ def _norm(
         return func(*args, **kwargs)
     primal, tangent, xhat = parts(call, px, pw, pb, tx, tw is not None)
     if tw is not None:
+        assert xhat is not None  # asked for (``xhat_too``)
         tangent = _plus(tangent, xhat * (_channels(px, tw) if per_channel else tw))
     if tb is not None:
         tb = _channels(px, tb) if per_channel else tb
         tangent = _like(primal, tb) if tangent is None else tangent + tb
+    assert tangent is not None  # ``parts`` gives one for ``tx``; ``tw`` and ``tb`` add theirs
     return _dual(primal, tangent.to(primal.dtype))
 
 
@@ -392,7 +419,7 @@ def _channels(x: Tensor, v: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (x.dim() - 2))
 
 
-def _bn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
+def _bn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool) -> _Parts:
     eps = call.get("eps", 1e-5)
     mean, var = call.get("running_mean"), call.get("running_var")
     primal = call(input=x, weight=w, bias=b)  # in training, updates the running statistics as the op would
@@ -409,7 +436,7 @@ def _bn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | 
     return primal, tangent, xhat
 
 
-def _ln(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
+def _ln(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool) -> _Parts:
     shape = call.get("normalized_shape")
     primal, mean, rstd = torch.native_layer_norm(x, shape, w, b, call.get("eps", 1e-5))
     tangent = None
@@ -419,7 +446,7 @@ def _ln(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | 
     return primal, tangent, (x - mean) * rstd if xhat_too else None
 
 
-def _gn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool):  # type: ignore[no-untyped-def]
+def _gn(call: _Call, x: Tensor, w: Tensor | None, b: Tensor | None, t: Tensor | None, xhat_too: bool) -> _Parts:
     n, c, groups, size = x.shape[0], x.shape[1], call.get("num_groups"), math.prod(x.shape[2:])
     primal, mean, rstd = torch.native_group_norm(x, w, b, n, c, size, groups, call.get("eps", 1e-5))
     tangent = xhat = None
@@ -484,29 +511,35 @@ _PRODUCTS: dict[Callable[..., Any], _Product] = {
 }
 
 _ARITHMETIC: dict[Callable[..., Any], tuple[str, bool, bool]] = {}
-for _kind, _functions in {
-    "add": (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__),
-    "sub": (torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__),
-    "mul": (torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__),
-    "div": (
-        torch.div,
-        torch.divide,
-        torch.true_divide,
-        Tensor.div,
-        Tensor.divide,
-        Tensor.true_divide,
-        Tensor.__truediv__,
-    ),
-}.items():
+for _kind, _functions in cast(
+    "dict[str, tuple[Callable[..., Any], ...]]",
+    {
+        "add": (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__),
+        "sub": (torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__),
+        "mul": (torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__),
+        "div": (
+            torch.div,
+            torch.divide,
+            torch.true_divide,
+            Tensor.div,
+            Tensor.divide,
+            Tensor.true_divide,
+            Tensor.__truediv__,
+        ),
+    },
+).items():
     _ARITHMETIC.update({f: (_kind, False, False) for f in _functions})
 _ARITHMETIC.update({torch.rsub: ("sub", True, False), Tensor.__rsub__: ("sub", True, False)})
 _ARITHMETIC.update({Tensor.__rdiv__: ("div", True, False), Tensor.__rtruediv__: ("div", True, False)})
-for _kind, _functions in {
-    "add": (Tensor.add_, Tensor.__iadd__),
-    "sub": (Tensor.sub_, Tensor.__isub__),
-    "mul": (Tensor.mul_, Tensor.__imul__),
-    "div": (Tensor.div_, Tensor.__itruediv__),
-}.items():
+for _kind, _functions in cast(
+    "dict[str, tuple[Callable[..., Any], ...]]",
+    {
+        "add": (Tensor.add_, Tensor.__iadd__),
+        "sub": (Tensor.sub_, Tensor.__isub__),
+        "mul": (Tensor.mul_, Tensor.__imul__),
+        "div": (Tensor.div_, Tensor.__itruediv__),
+    },
+).items():
     _ARITHMETIC.update({f: (_kind, False, True) for f in _functions})
 
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -80,6 +80,7 @@ def _locate(root: nn.Module, name: str) -> _Site:
         if isinstance(module, FSDPModule):
             manager = module
     param = owner._parameters[attr]
+    assert param is not None  # ``name`` is one of ``root.named_parameters()``, which skips None entries
     aliases = [(owner, attr)]
     for full, p in root.named_parameters(remove_duplicate=False):
         if p is param and full != name:
@@ -153,7 +154,7 @@ class _Replacements:
                 self._install(site, strict=False)
 
     def _install(self, site: _Site, strict: bool) -> None:
-        registered = site.owner._parameters[site.attr]
+        registered: Tensor | None = site.owner._parameters[site.attr]
         current = self._current.get(site.name)
         if current is not None and registered is current[0]:
             registered = current[1]  # ours from earlier in this evaluation: the group stayed gathered
@@ -276,7 +277,8 @@ class ShardedModel:
                 leaf = _writable(p.detach()).requires_grad_(True)
                 tangent = torch.zeros_like(leaf)
                 tangent[target.index] = 1
-                return fwAD.make_dual(leaf, tangent)  # type: ignore[no-untyped-call]
+                dual: Tensor = fwAD.make_dual(leaf, tangent)  # type: ignore[no-untyped-call]
+                return dual
 
         with torch.inference_mode(False), fwAD.dual_level(), torch.set_grad_enabled(grad):
             args, kwargs = _writable(self.model.args), _writable(self.model.kwargs)
@@ -319,11 +321,13 @@ class ShardedModel:
                 current.clear()
 
         def output_and_tangent(tangent: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(f, (delta0,), (tangent,), strict=True)  # type: ignore[no-any-return]
+            return cast("tuple[Tensor, Tensor]", jvp(f, (delta0,), (tangent,), strict=True))
 
         try:
             if vectorise:
-                output, columns = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))(eye)
+                # out_dims=(None, 0): one output shared by all rows (valid; torch's annotation says int per output)
+                batched = vmap(output_and_tangent, randomness="same", out_dims=(None, 0))  # type: ignore[arg-type]
+                output, columns = batched(eye)
             else:
                 pairs = [output_and_tangent(eye[k]) for k in range(len(part))]
                 output, columns = pairs[0][0], torch.stack([tangent for _, tangent in pairs])

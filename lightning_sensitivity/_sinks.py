@@ -70,7 +70,9 @@ class TensorBoardSink:
             return
         from tensorboard.plugins.text.summary_v2 import text_pb  # add_text would append "/text_summary"
 
-        file_writer().add_summary(text_pb(tag, text), step)
+        writer = file_writer()
+        if writer is not None:  # None: Lightning's stand-in experiment on a process it takes for non-zero rank
+            writer.add_summary(text_pb(tag, text), step)
 
     def figure(self, tag: str, figure: Any, step: int) -> None:
         self.writer.add_image(tag, pixels(figure), step, dataformats="HWC")

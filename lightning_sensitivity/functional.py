@@ -569,9 +569,16 @@ def _lost(
     return lost
 
 
-def _lost_message(api: str, model: Model, lost: list[tuple[ResolvedTarget, Tensor]], mode: str, hint: str) -> str:
+def _lost_message(
+    api: str, model: Model, lost: Sequence[tuple[ResolvedTarget, Tensor | None]], mode: str, hint: str
+) -> str:
+    # ``fd`` is None on a process whose own differences did not move: ``_differentiate_sharded`` lists a target
+    # that any process saw move on every process, so that they raise together
     listed = ", ".join(
-        f"{t.label!r} (central differences of norm {float(torch.linalg.vector_norm(fd)):.3g})" for t, fd in lost
+        f"{t.label!r} (central differences of norm {float(torch.linalg.vector_norm(fd)):.3g})"
+        if fd is not None
+        else f"{t.label!r} (on another process)"
+        for t, fd in lost
     )
     return (
         f"{api}: the output of {model.name} moves with {listed}, but no derivative along it reached the output "

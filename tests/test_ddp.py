@@ -75,12 +75,13 @@ def test_ddp_analysis_equals_one_process(runs):
             assert ddp["summary"][label]["count"] == stats["count"] == 75
             assert ddp["summary"][label]["rank"] == stats["rank"]
             for key in ("mean", "std", "abs_mean", "mean_square", "min", "max"):
-                assert ddp["summary"][label][key] == pytest.approx(stats[key], rel=1e-9, abs=1e-12), (label, key)
+                # float32 rounding: the other run may sum in another order, or auto may pick the other mode
+                assert ddp["summary"][label][key] == pytest.approx(stats[key], rel=1e-6, abs=1e-9), (label, key)
         assert ddp["correlation"][0] == single["correlation"][0]
-        torch.testing.assert_close(ddp["correlation"][1], single["correlation"][1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ddp["correlation"][1], single["correlation"][1], rtol=1e-6, atol=1e-9)
         for label, profile in single["profiles"].items():
             for key in ("mean", "abs_mean"):
-                torch.testing.assert_close(ddp["profiles"][label][key], profile[key], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(ddp["profiles"][label][key], profile[key], rtol=1e-6, atol=1e-9)
     _, single_scalars = runs["single"]
     _, ddp_scalars = runs["ddp"]
     for tag in ("analysis/collinearity", "analysis/C/mean_square", "analysis/net.2.bias[1]/nonfinite"):

@@ -54,9 +54,10 @@ def test_sharded_statistics_equal_one_process(runs, case):
                 assert stats["abs_mean"] > 0, label  # no silent zero in the reference either
                 assert sharded[phase][label]["count"] == stats["count"] == 16 * 3
                 for key in ("mean", "std", "abs_mean", "mean_square", "min", "max"):
-                    assert sharded[phase][label][key] == pytest.approx(stats[key], rel=1e-9, abs=1e-12), (label, key)
+                    # float32 rounding: the other run may sum in another order, or auto may pick the other mode
+                    assert sharded[phase][label][key] == pytest.approx(stats[key], rel=1e-6, abs=1e-9), (label, key)
         for label, profile in single["profiles"].items():
-            torch.testing.assert_close(sharded["profiles"][label]["mean"], profile["mean"], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(sharded["profiles"][label]["mean"], profile["mean"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("case", ["call", "nocall"])
@@ -70,7 +71,7 @@ def test_sharded_histograms_equal_one_process(runs, case):
             a, b = one.histogram_value, two.histogram_value
             assert (a.num, a.min, a.max) == (b.num, b.min, b.max)
             assert list(a.bucket) == list(b.bucket)
-            assert a.sum == pytest.approx(b.sum, rel=1e-9, abs=1e-12)
+            assert a.sum == pytest.approx(b.sum, rel=1e-6, abs=1e-9)
     assert "sensitivity/collinearity" in scalars
 
 
