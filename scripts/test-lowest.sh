@@ -39,4 +39,4 @@ if [ $# -eq 0 ]; then
   set -- tests/test_analysis.py tests/test_callback.py tests/test_ddp.py tests/test_examples.py \
     tests/test_faults.py tests/test_loggers.py tests/test_stages.py tests/test_trust_trainer.py lightning_sensitivity
 fi
-python -m pytest -p no:cacheprovider "$@"
+python -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"

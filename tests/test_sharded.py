@@ -69,9 +69,10 @@ def test_sharded_histograms_equal_one_process(runs, case):
         assert [e.step for e in sharded[tag]] == [e.step for e in single[tag]]
         for one, two in zip(single[tag], sharded[tag], strict=True):
             a, b = one.histogram_value, two.histogram_value
-            assert (a.num, a.min, a.max) == (b.num, b.min, b.max)
+            assert a.num == b.num  # every sample once
             assert list(a.bucket) == list(b.bucket)
-            assert a.sum == pytest.approx(b.sum, rel=1e-6, abs=1e-9)
+            # float32 rounding: the one-process run may sum in another order, or auto may pick the other mode
+            assert (a.min, a.max, a.sum) == pytest.approx((b.min, b.max, b.sum), rel=1e-6, abs=1e-9)
     assert "sensitivity/collinearity" in scalars
 
 
