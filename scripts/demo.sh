@@ -5,6 +5,6 @@
 # Extra arguments go to the CLI, e.g. `bash scripts/demo.sh --trainer.max_epochs=3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-cli} . scripts/setup-env.sh
+EXTRAS=${EXTRAS:-cli,plots} . scripts/setup-env.sh
 python examples/oscillator/train.py fit --config examples/oscillator/config.yaml "$@"
 echo "(tensorboard is installed in $VENV: run 'source $VENV/bin/activate' first, or call $VENV/bin/tensorboard)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite against the lowest versions pyproject.toml declares, so that its lower bounds stay true: in a
-# separate .venv-lowest, torch first (TORCH_SPEC, default torch==2.13.0), then the package with its `test` extra,
+# separate .venv-lowest (see BASE_VENV below), torch first (TORCH_SPEC, default torch==2.13.0), then the package with its `test` extra,
 # every lower bound of `dependencies` and of the `cli` extra pinned with == (read from pyproject.toml; the test
 # tools themselves, pytest, ruff, transformers, torchdiffeq and torchode, at their newest).
 #
@@ -30,8 +30,18 @@ for requirement in project["dependencies"] + project["optional-dependencies"]["c
 open(sys.argv[1], "w").write("\n".join(pins) + "\n")
 print("test-lowest: pinned", ", ".join(pins))
 PY
+VENV=${VENV:-.venv-lowest}
+# BASE_VENV (CI sets it to the main job's .venv): packages not installed here are taken from that environment,
+# through a .pth file that puts its site-packages after this one's, so torch is not unpacked a second time;
+# what pip installs here (the pinned versions above, and anything they need at other versions) comes first.
+if [ -n "${BASE_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
+  base_site=$("$BASE_VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -c "import sys, sysconfig; open(sysconfig.get_paths()['purelib'] + '/zz_base_venv.pth', 'w').write(sys.argv[1] + '\n')" "$base_site"
+  echo "test-lowest: packages not installed in $VENV come from $base_site"
+fi
 # PIP_CONSTRAINT holds every pip call of setup-env.sh to those versions.
-PIP_CONSTRAINT="$lowest" VENV=${VENV:-.venv-lowest} EXTRAS=test . scripts/setup-env.sh
+PIP_CONSTRAINT="$lowest" VENV=$VENV EXTRAS=test . scripts/setup-env.sh
 python -c "
 import importlib.metadata as m
 print('test-lowest:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'lightning', 'torchmetrics', 'tensorboard', 'jsonargparse', 'numpy')))"

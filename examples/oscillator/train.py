@@ -2,8 +2,9 @@
 
     python examples/oscillator/train.py fit --config examples/oscillator/config.yaml
 
-At the end it prints, on rank zero, a table of the last validation epoch's sensitivities and the
-``tensorboard`` command that shows their histograms.
+At the end it prints, on rank zero, the last validation epoch's sensitivities ranked by importance, the
+correlation of the sensitivities to ``k`` and ``c`` (can the data tell them apart?), where along the trajectory
+each constant matters most, and the ``tensorboard`` command that shows the histograms and pictures.
 """
 
 from __future__ import annotations
@@ -20,19 +21,37 @@ from model import DampedOscillator, OscillatorData  # noqa: E402
 from lightning_sensitivity import SensitivityMonitor  # noqa: E402
 
 
-def sensitivity_table(trainer) -> str:
-    """The last validation epoch's ``sensitivity/<target>/{mean,std,abs_mean}`` as a text table."""
-    stats = ("mean", "std", "abs_mean")
-    targets = {}
-    for key, value in trainer.callback_metrics.items():
-        parts = key.split("/")
-        if parts[0] == "sensitivity" and parts[-1] in stats:
-            targets.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = float(value)
-    width = max([len("target"), *map(len, targets)])
-    lines = [f"{'target':<{width}}  {'mean':>12}  {'std':>12}  {'mean |dy/dθ|':>12}"]
-    for target, row in targets.items():
-        lines.append(f"{target:<{width}}  " + "  ".join(f"{row.get(s, float('nan')):>12.5g}" for s in stats))
+def sensitivity_table(monitor: SensitivityMonitor) -> str:
+    """The last validation epoch's statistics from ``monitor.summary()``, ranked by mean |dy/dθ| (Morris' μ*)."""
+    summary = monitor.summary()
+    stats = ("rank", "mean", "std", "abs_mean", "mean_square")
+    width = max([len("target"), *map(len, summary)])
+    header = ("rank", "mean", "std", "mean |dy/dθ|", "mean square")
+    lines = [f"{'target':<{width}}  " + "  ".join(f"{h:>12}" for h in header)]
+    for target, row in sorted(summary.items(), key=lambda item: item[1]["rank"]):
+        lines.append(f"{target:<{width}}  " + "  ".join(f"{row[s]:>12.5g}" for s in stats))
     return "\n".join(lines)
+
+
+def identifiability(monitor: SensitivityMonitor, a: str, b: str) -> str:
+    """The correlation of two targets' sensitivities, read as an identifiability check."""
+    labels, matrix = monitor.correlation()
+    if a not in labels or b not in labels:
+        return ""
+    r = float(matrix[labels.index(a), labels.index(b)])
+    verdict = "hard to tell apart from this data" if abs(r) > 0.95 else "distinguishable from this data"
+    return f"Correlation of the sensitivities to {a} and {b}: {r:+.3f} ({verdict})"
+
+
+def profile_peaks(monitor: SensitivityMonitor) -> list[str]:
+    """Where along the trajectory each constant matters most (from ``monitor.profiles()``)."""
+    lines = []
+    for target, profile in monitor.profiles().items():
+        curve = profile["abs_mean"].reshape(-1)
+        if curve.numel() > 1 and "[" not in target:
+            peak = int(curve.argmax())
+            lines.append(f"  {target}: mean |d(position)/d{target}| peaks at time step {peak} of {curve.numel()}")
+    return lines
 
 
 class SensitivityCLI(LightningCLI):
@@ -49,13 +68,26 @@ class SensitivityCLI(LightningCLI):
             f"Fitted constants: k = {model.k.item():.4f} (true {data.hparams.k}), "
             f"c = {model.c.item():.4f} (true {data.hparams.c})"
         )
-        print("Per-sample sensitivities d(position)/d(target), last validation epoch:")
-        print(sensitivity_table(trainer) if monitors else "(no SensitivityMonitor configured)")
+        print("Per-sample sensitivities d(position)/d(target), last validation epoch, ranked:")
+        if not monitors:
+            print("(no SensitivityMonitor configured)")
+            return
+        monitor = monitors[0]
+        print(sensitivity_table(monitor))
+        line = identifiability(monitor, "k", "c")
+        if line:
+            print(line)
+        if monitor.profiles_enabled:
+            print("Profiles along the trajectory:")
+            print("\n".join(profile_peaks(monitor)))
         if trainer.logger is not None and trainer.logger.log_dir is not None:
             log_dir = Path(trainer.logger.log_dir).resolve()
             print()
-            print(f"Histograms: tensorboard --logdir {log_dir}")
-            print("then open http://localhost:6006 and the HISTOGRAMS tab (tags sensitivity/<target>).")
+            print(f"Histograms and pictures: tensorboard --logdir {log_dir}")
+            print(
+                "then open http://localhost:6006: HISTOGRAMS (tags sensitivity/<target>), IMAGES (ranking, "
+                "correlation, profiles; with the plots extra) and TEXT (the ranked table, sensitivity/summary)."
+            )
 
     def after_fit(self) -> None:
         self.report()
