@@ -33,14 +33,25 @@ def sensitivity_table(monitor: SensitivityMonitor) -> str:
     return "\n".join(lines)
 
 
-def identifiability(monitor: SensitivityMonitor, a: str, b: str) -> str:
-    """The correlation of two targets' sensitivities, read as an identifiability check."""
+def identifiability(monitor: SensitivityMonitor, a: str, b: str) -> list[str]:
+    """The correlation of the sensitivities to ``a`` and ``b``, and the most correlated pair of all targets: near
+    ±1, the data cannot tell the two apart (an identifiability check)."""
     labels, matrix = monitor.correlation()
-    if a not in labels or b not in labels:
-        return ""
-    r = float(matrix[labels.index(a), labels.index(b)])
-    verdict = "hard to tell apart from this data" if abs(r) > 0.95 else "distinguishable from this data"
-    return f"Correlation of the sensitivities to {a} and {b}: {r:+.3f} ({verdict})"
+
+    def verdict(r: float) -> str:
+        return "hard to tell apart from this data" if abs(r) > 0.9 else "distinguishable from this data"
+
+    lines = []
+    if a in labels and b in labels:
+        r = float(matrix[labels.index(a), labels.index(b)])
+        lines.append(f"Correlation of the sensitivities to {a} and {b}: {r:+.3f} ({verdict(r)})")
+    pairs = [(abs(float(matrix[i, j])), i, j) for i in range(len(labels)) for j in range(i)]
+    finite = [p for p in pairs if p[0] == p[0]]  # NaN where a target had no effect
+    if finite:
+        _, i, j = max(finite)
+        r = float(matrix[i, j])
+        lines.append(f"Most correlated pair: {labels[j]} and {labels[i]}: {r:+.3f} ({verdict(r)})")
+    return lines
 
 
 def profile_peaks(monitor: SensitivityMonitor) -> list[str]:
@@ -74,8 +85,7 @@ class SensitivityCLI(LightningCLI):
             return
         monitor = monitors[0]
         print(sensitivity_table(monitor))
-        line = identifiability(monitor, "k", "c")
-        if line:
+        for line in identifiability(monitor, "k", "c"):
             print(line)
         if monitor.profiles_enabled:
             print("Profiles along the trajectory:")
