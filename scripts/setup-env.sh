@@ -3,8 +3,6 @@
 #   TORCH_SPEC  the torch requirement installed first (default: torch==2.13.0, the CPU build this project's
 #               machines serve from local disk; set it to match your platform, e.g. "torch>=2.3")
 #   EXTRAS      the package extras to install (default: test)
-# --no-compile: byte-compiling every module of every dependency (transformers, scipy, wandb, ...) at install time
-# took most of CI's install minutes; Python compiles what is imported, when it is imported.
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${EXTRAS:-test}
@@ -15,6 +13,6 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 echo "setup: installing $TORCH_SPEC, then lightning-sensitivity[$EXTRAS] (editable)"
-python -m pip install -q --no-compile --disable-pip-version-check "$TORCH_SPEC"
-python -m pip install -q --no-compile --disable-pip-version-check -e ".[$EXTRAS]"
+python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+python -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
 python -c "import torch, lightning_sensitivity; print(f'setup: torch {torch.__version__}, lightning-sensitivity {lightning_sensitivity.__version__}')"

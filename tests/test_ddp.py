@@ -54,10 +54,11 @@ def test_ddp_histogram_covers_every_sample_exactly_once(runs):
     for tag in ("sensitivity/C", "sensitivity/net.0.weight[3, 1]"):
         for one, two in zip(single_hist[tag], ddp_hist[tag], strict=True):
             a, b = one.histogram_value, two.histogram_value
-            assert (a.num, a.min, a.max) == (b.num, b.min, b.max)
+            assert a.num == b.num  # every sample exactly once
             assert list(a.bucket) == list(b.bucket) and list(a.bucket_limit) == list(b.bucket_limit)
-            assert a.sum == pytest.approx(b.sum, rel=1e-9, abs=1e-12)
-            assert a.sum_squares == pytest.approx(b.sum_squares, rel=1e-9)
+            # float32 rounding: auto may pick another mode in the other run, or sum in another order
+            assert (a.min, a.max, a.sum) == pytest.approx((b.min, b.max, b.sum), rel=1e-6, abs=1e-9)
+            assert a.sum_squares == pytest.approx(b.sum_squares, rel=1e-6)
     for stat in ("mean", "std", "abs_mean", "nonfinite"):
         tag = f"sensitivity/C/{stat}"
         assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6, abs=1e-9)
