@@ -86,6 +86,8 @@ class _Plan:
     per_sample: bool = True
     #: the mode measured cheaper per signature (targets, input shapes): "forward" or "per-sample reverse"
     choices: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    #: signatures on which per-sample reverse mode was checked against the batched output and batched reverse mode
+    per_sample_checked: set[tuple[Any, ...]] = field(default_factory=set)
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -368,12 +370,13 @@ def _differentiate(
             )
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
-            check = _signature(model, resolved) not in plan.choices
+            key = _signature(model, resolved)
+            check = key not in plan.per_sample_checked and plan.choices.get(key) != "per-sample reverse"
             if check and not _per_sample_agrees(model, resolved, tensors):
                 raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
             rng.restore()
             sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
-            plan.choices[_signature(model, resolved)] = "per-sample reverse"
+            plan.per_sample_checked.add(key)  # auto's choice (plan.choices) is its own: method="reverse" leaves it
             return sens, output
         except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
             plan.per_sample = False

@@ -129,3 +129,40 @@ def test_mlflow_table_and_figures_as_artifacts(tmp_path, monkeypatch):
         p.name for p in artifacts.rglob("metrics/sensitivity/*")
     }
     assert "mean_square" in metrics and "collinearity" in metrics
+
+
+def test_standalone_package_test_stage_on_offline_wandb(tmp_path, monkeypatch):
+    """``trainer.test`` of the standalone ``pytorch_lightning`` package, with its offline ``WandbLogger``: the
+    test stage's histograms and table reach W&B under ``sensitivity_test/``."""
+    pytest.importorskip("wandb")
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Standalone(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.C = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.C * x
+
+        def test_step(self, batch, batch_idx):
+            self.log("test", self(batch[0]).mean())
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    x = torch.linspace(-3, 5, 60, dtype=torch.float64).reshape(-1, 2)
+    logger = pl.loggers.WandbLogger(offline=True, save_dir=str(tmp_path), project="sensitivity-test")
+    monitor = SensitivityMonitor(targets="C", stages=("test",), log_figures=False)
+    trainer = pl.Trainer(logger=logger, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Standalone(), DataLoader(TensorDataset(x), batch_size=8))
+    logger.experiment.finish()
+    rows = wandb_history(tmp_path)
+    (histogram,) = [row for row in rows if "sensitivity_test/C/_type" in row]
+    assert histogram["sensitivity_test/C/_type"] == "histogram"
+    assert sum(histogram["sensitivity_test/C/values"]) == x.numel()  # d(C x)/dC = x, every value once
+    assert any(row.get("sensitivity_test/summary/_type") == "table-file" for row in rows)
+    assert not any(key.startswith("sensitivity/") for row in rows for key in row)  # never the validation tags
+    assert trainer.callback_metrics["sensitivity_test/C/mean"] == pytest.approx(float(x.mean()))
+    assert monitor.summary()["C"]["count"] == x.numel()

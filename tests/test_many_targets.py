@@ -98,17 +98,22 @@ def test_the_choice_is_measured_once_per_input_structure_and_can_be_overruled(ca
     resolved = resolve_targets(model, targets, "test")
     asked: list[str] = []
 
-    def agree(choice: str) -> str:
+    def agree(choice: str) -> str:  # overrule the measurement, whichever it was
         asked.append(choice)
-        return "forward"
+        return "forward" if choice == "per-sample reverse" else "per-sample reverse"
 
     with caplog.at_level(logging.DEBUG, logger="lightning_sensitivity"):
         first = compute_sensitivities(model, resolved, (torch.randn(96, 16),), agree=agree)
-        second = compute_sensitivities(model, resolved, (torch.randn(40, 16),), agree=agree)
-    assert asked == ["per-sample reverse"]  # measured once, for both batch sizes
+        x2 = torch.randn(40, 16)
+        second = compute_sensitivities(model, resolved, (x2,), agree=agree)
+    assert len(asked) == 1 and asked[0] in ("forward", "per-sample reverse")  # measured once, for both sizes
     assert len([r for r in caplog.records if r.name == "lightning_sensitivity"]) == 1
     assert first[resolved[0].label].shape == (96, 1) and second[resolved[0].label].shape == (40, 1)
-    assert _PLANS[model].choices and set(_PLANS[model].choices.values()) == {"forward"}
+    overruled = "forward" if asked[0] == "per-sample reverse" else "per-sample reverse"
+    assert list(_PLANS[model].choices.values()) == [overruled]
+    reference = per_sample_sensitivities(model, targets[:5], (x2,), method="forward")
+    for label, value in reference.items():  # the overruling mode is exact too
+        torch.testing.assert_close(second[label], value, rtol=1e-4, atol=1e-6)
 
 
 def test_the_probes_leave_no_trace_in_the_random_stream():
@@ -127,6 +132,22 @@ def test_the_probes_leave_no_trace_in_the_random_stream():
     assert torch.equal(torch.rand(4), after_auto)
     for label in forward:
         torch.testing.assert_close(auto[label], forward[label])
+
+
+def test_a_forced_mode_leaves_autos_choice_alone():
+    """``method="reverse"`` on the same module and targets must not turn ``auto``'s measured choice into reverse."""
+    torch.manual_seed(3)
+    model = Wide(64).eval()
+    x = torch.randn(64, 16)
+    targets = ["net.2.weight[0, 1]", "net.2.weight[3, 4]", "net.0.bias[2]"]
+    per_sample_sensitivities(model, targets, (x,))
+    (choice,) = _PLANS[model].choices.values()
+    assert choice == "forward"
+    reverse = per_sample_sensitivities(model, targets, (x,), method="reverse")
+    auto = per_sample_sensitivities(model, targets, (x,))
+    assert list(_PLANS[model].choices.values()) == ["forward"]
+    for label in auto:
+        torch.testing.assert_close(auto[label], reverse[label], rtol=1e-4, atol=1e-6)
 
 
 def test_per_sample_reverse_memory_is_bounded_by_chunk_size():
