@@ -419,6 +419,17 @@ def _choose(
             output = model({})
     batch = output.shape[0]
     forward_cost = forward_time * len(resolved) / k
+    per_sample = max(1, output[0].numel()) if batch else 1
+    if len(resolved) <= per_sample and forward_time < math.inf:
+        # A backward pass costs at least a tangent pass: O of them per sample cannot beat K <= O tangent passes,
+        # and the probe itself (O backward passes vectorised over samples) can take far more memory.
+        _LOG.debug(
+            "%s: forward mode for %d targets and output %s (no more targets than output elements per sample)",
+            model.name,
+            len(resolved),
+            tuple(output.shape),
+        )
+        return "forward"
     try:
         # One sample first: a bound on the cost of every sample (vectorising only makes it cheaper); a closer
         # estimate from 64 samples only where the bound does not already rule reverse mode out, so that the
