@@ -52,4 +52,4 @@ if [ $# -eq 0 ]; then
   set -- tests/test_analysis.py tests/test_callback.py tests/test_examples.py tests/test_faults.py \
     tests/test_loggers.py tests/test_stages.py lightning_sensitivity
 fi
-python -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+python -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"  # none of these files has a module fixture
