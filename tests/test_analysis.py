@@ -54,8 +54,8 @@ def inputs(n: int = 20, seed: int = 0) -> Tensor:
     return torch.randn(n, 1, generator=g, dtype=torch.float64).float()
 
 
-def run(tmp_path, monitor, x=None, how="validate", **kwargs) -> L.Trainer:
-    x = inputs() if x is None else x
+def make_trainer(tmp_path, monitor, **kwargs) -> L.Trainer:
+    """A quiet Trainer with ``monitor`` and a TensorBoard logger under ``tmp_path/tb``; ``kwargs`` override."""
     defaults = dict(
         logger=TensorBoardLogger(tmp_path, name="tb"),
         callbacks=[monitor],
@@ -63,7 +63,12 @@ def run(tmp_path, monitor, x=None, how="validate", **kwargs) -> L.Trainer:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer = L.Trainer(**{**defaults, **kwargs})
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def run(tmp_path, monitor, x=None, how="validate", **kwargs) -> L.Trainer:
+    x = inputs() if x is None else x
+    trainer = make_trainer(tmp_path, monitor, **kwargs)
     getattr(trainer, how)(Decay(), DataLoader(TensorDataset(x), batch_size=8))
     return trainer
 

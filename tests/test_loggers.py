@@ -60,6 +60,16 @@ def _wandb_records(root: Path) -> tuple[list[dict[str, object]], bool]:
     return rows, runs > 0 and exits == runs
 
 
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch) -> None:
+    """W&B offline and silent, every file of it under ``tmp_path``."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+
+
 class Spread(L.LightningModule):
     """``y = C * x`` with ``x`` spread over 2^-100 .. 2^100: the histogram has far more than 512 buckets."""
 
@@ -74,14 +84,9 @@ class Spread(L.LightningModule):
         self.log("val", self(batch[0]).mean())
 
 
-def test_wandb_histograms_table_and_figures_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_histograms_table_and_figures_offline(tmp_path, offline_wandb):
     from lightning.pytorch.loggers import WandbLogger
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     x = torch.exp2(torch.linspace(-100, 100, 2000, dtype=torch.float64)).reshape(-1, 1)
     x[::2] *= -1
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="sensitivity-test")
@@ -131,10 +136,9 @@ def test_mlflow_table_and_figures_as_artifacts(tmp_path, monkeypatch):
     assert "mean_square" in metrics and "collinearity" in metrics
 
 
-def test_standalone_package_test_stage_on_offline_wandb(tmp_path, monkeypatch):
+def test_standalone_package_test_stage_on_offline_wandb(tmp_path, offline_wandb):
     """``trainer.test`` of the standalone ``pytorch_lightning`` package, with its offline ``WandbLogger``: the
     test stage's histograms and table reach W&B under ``sensitivity_test/``."""
-    pytest.importorskip("wandb")
     pl = pytest.importorskip("pytorch_lightning")
 
     class Standalone(pl.LightningModule):
@@ -148,10 +152,6 @@ def test_standalone_package_test_stage_on_offline_wandb(tmp_path, monkeypatch):
         def test_step(self, batch, batch_idx):
             self.log("test", self(batch[0]).mean())
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     x = torch.linspace(-3, 5, 60, dtype=torch.float64).reshape(-1, 2)
     logger = pl.loggers.WandbLogger(offline=True, save_dir=str(tmp_path), project="sensitivity-test")
     monitor = SensitivityMonitor(targets="C", stages=("test",), log_figures=False)

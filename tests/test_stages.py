@@ -5,23 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_histogram, expected_stats, read_events, read_text_and_images
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
-from test_analysis import Decay, inputs
+from test_analysis import Decay, inputs, make_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sensitivity import SensitivityMonitor
-
-
-def make_trainer(tmp_path, monitor, **kwargs) -> Trainer:
-    defaults = dict(
-        logger=TensorBoardLogger(tmp_path, name="tb"),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return Trainer(**{**defaults, **kwargs})
 
 
 class Stepped(Decay):
