@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
+from lightning_sensitivity._fused import FusedForward, can_fuse, model_input
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
 from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
@@ -25,7 +26,9 @@ from lightning_sensitivity.functional import (
     check_chunk_size,
     check_method,
     check_normalize,
+    choice_pending,
     compute_sensitivities,
+    sensitivities_and_output,
 )
 
 Reduction = Literal["none", "sum", "mean", "norm"]
@@ -58,7 +61,9 @@ class SensitivityMonitor(Callback):
 
     What is differentiated: ``pl_module.sensitivity_step(batch, batch_idx)`` when the LightningModule defines
     it (it may also take ``dataloader_idx``); otherwise ``pl_module(batch[0])`` for a tuple or list batch and
-    ``pl_module(batch)`` for a tensor batch. The first dimension of the output indexes samples.
+    ``pl_module(batch)`` for a tensor batch. The first dimension of the output indexes samples. Where the step
+    itself makes that very call, in eval mode, without grad or autocast, that call gives the sensitivities
+    too, so that no second forward pass is needed (see the README).
 
     Args:
         targets: parameters or buffers of the LightningModule: ``"C"`` (one element), ``"net.0.weight[3, 1]"``
@@ -195,6 +200,10 @@ class SensitivityMonitor(Callback):
         self._figures = FigureWriter()
         self._draw = False
         self._verified = False
+        self._decided = False  # a batch was differentiated: verification done, the mode chosen
+        self._fuse_failed = False  # the engine failed inside the step's own forward call: never again
+        self._fused: FusedForward | None = None
+        self._verified_before_fused = False
         self._warned_constant: set[str] = set()
         self.epochs_logged = 0
         """Validation epochs whose statistics were logged, across resumes from checkpoints."""
@@ -295,6 +304,7 @@ class SensitivityMonitor(Callback):
             self._resolved, self._pending = [], True  # resolved once the model has materialised them
         self._runs = {name: EpochRun() for name in _STAGES}  # aggregators are made on the module's device
         self._verified = False
+        self._decided = self._fuse_failed = False
         self._check_clashes(trainer)
         self._sinks = find_sinks(trainer.loggers)
         if self.log_histograms and not self._sinks and self._logs(stage):
@@ -334,9 +344,11 @@ class SensitivityMonitor(Callback):
                 )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._disarm()
         self._figures.wait()  # before the loggers close their writers
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._disarm()
         with contextlib.suppress(Exception):  # the run's own exception is the one to report
             self._figures.wait()
 
@@ -344,6 +356,11 @@ class SensitivityMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start("validate", trainer, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._arm("validate", trainer, batch, dataloader_idx)
 
     def on_validation_batch_end(
         self,
@@ -362,6 +379,11 @@ class SensitivityMonitor(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start("test", trainer, pl_module)
 
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._arm("test", trainer, batch, dataloader_idx)
+
     def on_test_batch_end(
         self,
         trainer: Trainer,
@@ -378,6 +400,11 @@ class SensitivityMonitor(Callback):
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start("predict", trainer, pl_module)
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._arm("predict", trainer, batch, dataloader_idx)
 
     def on_predict_batch_end(
         self,
@@ -416,15 +443,73 @@ class SensitivityMonitor(Callback):
         if run.active and not self._pending:
             run.start(trainer, pl_module.device, len(self._resolved), self.buckets_per_octave)
 
-    def _batch_end(self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def _arm(self, stage: str, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
+        """Let the step's own call ``pl_module(batch[0])`` compute this batch's sensitivities (``_fused.py``),
+        where the monitor would differentiate exactly that call. Under several processes only once the first
+        batch took the decisions that are collectives (verification, the mode), so that every process makes
+        them at the same point."""
+        self._disarm()
         run = self._runs[stage]
+        if self._fuse_failed or self._pending or run.dry_run or not self._wanted(run, dataloader_idx):
+            return
+        if several_processes(trainer) and not self._decided:
+            return
+        module = trainer.lightning_module
+        x = model_input(batch)
+        if x is None or callable(getattr(module, "sensitivity_step", None)) or not can_fuse(module):
+            return
+        if "forward" in module.__dict__:  # taken over already (by another monitor): this one runs after the step
+            return
+        if several_processes(trainer) and choice_pending(module, self._resolved, (x,), method=self.method):
+            return
+        self._verified_before_fused = self._verified
+        self._fused = FusedForward(module, x, functools.partial(self._compute, stage, trainer))
+
+    def _compute(self, stage: str, trainer: Trainer, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return sensitivities_and_output(trainer.lightning_module, self._resolved, (x,), **self._options(stage, trainer))
+
+    def _options(self, stage: str, trainer: Trainer) -> dict[str, Any]:
+        """The engine's arguments for one batch; the first one is also checked against finite differences."""
+        on_check = None
+        if self.verify and not self._verified:
+            self._verified = True
+            on_check = functools.partial(self._on_check, trainer, _STAGE_WORDS[stage])
+        return {
+            "method": self.method,
+            "chunk_size": self.chunk_size,
+            "api": _API,
+            "on_check": on_check,
+            "normalize": self.normalize,
+            "agree": functools.partial(trainer.strategy.broadcast, src=0) if several_processes(trainer) else None,
+        }
+
+    def _disarm(self) -> FusedForward | None:
+        fused, self._fused = self._fused, None
+        if fused is not None:
+            fused.disarm()
+        return fused
+
+    def _wanted(self, run: EpochRun, dataloader_idx: int) -> bool:
+        """Whether this stage differentiates the next batch of ``dataloader_idx``."""
         if not (run.dry_run or run.active) or (self.dataloaders is not None and dataloader_idx not in self.dataloaders):
+            return False
+        if run.dry_run:
+            return True
+        if run.aggregator is None and not self._pending:
+            return False
+        return self.max_batches is None or run.batches.get(dataloader_idx, 0) < self.max_batches
+
+    def _batch_end(self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        fused = self._disarm()
+        run = self._runs[stage]
+        if not self._wanted(run, dataloader_idx):
             return
         if self._pending:
             self._resolve_lazily(run, trainer)
         if run.dry_run:
             run.dry_run = False
             sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+            self._decided = True
             if self.profiles_enabled:
                 check_profile_size(len(self._resolved), next(iter(sens.values())).shape[1:], self.max_profile_elements)
             return
@@ -434,7 +519,16 @@ class SensitivityMonitor(Callback):
         if self.max_batches is not None and seen >= self.max_batches:
             return
         run.batches[dataloader_idx] = seen + 1
-        sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+        if fused is not None and fused.result is not None:
+            sens = fused.result
+        else:
+            if fused is not None and fused.failed is not None:
+                # Done again here, where errors have always been reported, verification included; and from now
+                # on always here.
+                self._fuse_failed = True
+                self._verified = self._verified_before_fused
+            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+        self._decided = True
         keep = run.kept(dataloader_idx, next(iter(sens.values())).shape[0])
         columns = [sens[t.label][:keep] for t in self._resolved]  # possibly empty: every rank still makes a profile
         limit = self.max_profile_elements if self.profiles_enabled else None
@@ -479,22 +573,7 @@ class SensitivityMonitor(Callback):
             )
         if function is None:
             _check_forward_takes(module, args)
-        on_check = None
-        if self.verify and not self._verified:
-            self._verified = True
-            on_check = functools.partial(self._on_check, trainer, _STAGE_WORDS[stage])
-        return compute_sensitivities(
-            module,
-            self._resolved,
-            args,
-            method=self.method,
-            chunk_size=self.chunk_size,
-            function=function,
-            api=_API,
-            on_check=on_check,
-            normalize=self.normalize,
-            agree=functools.partial(trainer.strategy.broadcast, src=0) if several_processes(trainer) else None,
-        )
+        return compute_sensitivities(module, self._resolved, args, function=function, **self._options(stage, trainer))
 
     def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:
         """The verdict of the finite-difference check on this process's first batch; every process learns

@@ -242,6 +242,38 @@ def compute_sensitivities(
     With ``agree``, the mode ``"auto"`` measured cheaper is passed through it, and its answer is used: the callback
     makes every process of a distributed run use rank 0's choice.
     """
+    sens, _ = sensitivities_and_output(
+        module,
+        resolved,
+        args,
+        kwargs,
+        method=method,
+        chunk_size=chunk_size,
+        function=function,
+        api=api,
+        on_check=on_check,
+        normalize=normalize,
+        agree=agree,
+    )
+    return sens
+
+
+def sensitivities_and_output(
+    module: nn.Module,
+    resolved: Sequence[ResolvedTarget],
+    args: Tensor | tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    method: Method = "auto",
+    chunk_size: int | None = None,
+    function: Callable[..., Any] | None = None,
+    api: str = "per_sample_sensitivities",
+    on_check: Callable[[list[Mismatch]], None] | None = None,
+    normalize: Normalize = "none",
+    agree: Callable[[str], str] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`compute_sensitivities` and the output of the evaluation they came from (detached): the callback
+    hands that output to a ``validation_step`` that asked for it (``_fused.py``)."""
     if isinstance(args, Tensor):
         args = (args,)
     elif not isinstance(args, tuple):
@@ -261,13 +293,32 @@ def compute_sensitivities(
             on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
         values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
     if normalize == "none":
-        return sens
+        return sens, output
     scaled = {}
     for target in resolved:
         theta = values[target.label].to(output.dtype)
         factor = theta if normalize == "parameter" else theta / output
         scaled[target.label] = factor * sens[target.label]
-    return scaled
+    return scaled, output
+
+
+def choice_pending(
+    module: nn.Module,
+    resolved: Sequence[ResolvedTarget],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    method: Method = "auto",
+    function: Callable[..., Any] | None = None,
+) -> bool:
+    """Whether :func:`compute_sensitivities` on these arguments would first measure which mode is cheaper
+    (``method="auto"``, several targets, a new input structure), which with ``agree`` is a collective."""
+    plan = _PLANS.get(module)
+    if plan is None:
+        return True
+    if method != "auto" or plan.reverse or len(resolved) <= 1 or not plan.per_sample:
+        return False
+    return _signature(Model(module, args, kwargs or {}, function), resolved) not in plan.choices
 
 
 def _differentiate_sharded(

@@ -1,0 +1,105 @@
+"""One forward pass for ``validation_step`` and the monitor: the step's own call of the model computes the
+sensitivities too.
+
+The monitor differentiates ``pl_module(batch[0])`` (or ``pl_module(batch)``). Most ``validation_step``\\ s make
+that very call, so evaluating it once more after the step would cost a second forward pass. While a batch is
+armed, the LightningModule's ``forward`` is replaced (on the instance, as Lightning's own forward redirection
+does) by a function that, called with exactly the batch's input, runs the sensitivity engine on it and returns
+the output the engine evaluated (the model's primal output: the same ops on the same values) to the step. Any
+other call goes to the model's own ``forward`` untouched, and the monitor computes the sensitivities after the
+step as before.
+
+The call is only taken over where it cannot change what the step sees beyond float rounding (ops that forward
+mode routes differently, such as eval-mode batch norm by elementary ops): the module wholly in eval mode (no
+dropout, no running statistics updated), grad off (the step does not need a graph from the output), no
+autocast (the monitor differentiates in the module's own precision), not sharded, not compiled. A failure of
+the engine inside the step gives the step the model's own output and leaves the batch to the monitor, which
+then reports the error where it always has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sensitivity._sharded import uses_fsdp
+
+#: ``(sensitivities by label, output)`` from the engine, for the model's input.
+Compute = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
+
+
+def model_input(batch: Any) -> Tensor | None:
+    """The input the monitor gives the model by default: the batch itself (a tensor) or its first element."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], Tensor):
+        return batch[0]
+    return None
+
+
+def can_fuse(module: nn.Module) -> bool:
+    """Whether the module's own forward may be taken over at all (what a call's context cannot change)."""
+    if getattr(module, "_compiled_call_impl", None) is not None:  # Module.compile(): dynamo would trace the engine
+        return False
+    if uses_fsdp(module):
+        return False
+    return not any(m.training for m in module.modules())
+
+
+def _plain_context(device: torch.device) -> bool:
+    """Grad off (or inference mode) and no autocast for ``device``'s type, as the monitor runs after the step."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return False
+    try:
+        return not torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: one query per device type
+        return not (torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
+
+
+class FusedForward:
+    """Takes over ``module.forward`` until it is called with ``model_input`` alone (or :meth:`disarm`).
+
+    Attributes:
+        result: the engine's sensitivities, once the step's call gave them.
+        failed: the engine's error, when the step's call tried and failed (the step got the model's own output).
+    """
+
+    def __init__(self, module: nn.Module, model_input: Tensor, compute: Compute) -> None:
+        self.module = module
+        self.input = model_input
+        self.compute = compute
+        self.result: dict[str, Tensor] | None = None
+        self.failed: BaseException | None = None
+        self._had_own = "forward" in module.__dict__
+        self._own = module.__dict__.get("forward")
+        self._original = module.forward
+        self._wrapper = self._forward  # one bound method: what is set is what `disarm` looks for
+        module.__dict__["forward"] = self._wrapper  # found before the class's forward
+
+    @property
+    def armed(self) -> bool:
+        return self.module.__dict__.get("forward") is self._wrapper
+
+    def disarm(self) -> None:
+        """Give the module its own ``forward`` back (a no-op once done)."""
+        if not self.armed:
+            return
+        if self._had_own:
+            self.module.__dict__["forward"] = self._own
+        else:
+            del self.module.__dict__["forward"]
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) != 1 or args[0] is not self.input or not _plain_context(self.input.device):
+            return self._original(*args, **kwargs)
+        self.disarm()  # the engine (and anything the model calls) sees the model's own forward
+        try:
+            sens, output = self.compute(args[0])
+        except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
+            self.failed = error
+            return self._original(*args, **kwargs)
+        self.result = sens
+        return output

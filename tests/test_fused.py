@@ -1,0 +1,243 @@
+"""The step's own forward pass gives the sensitivities (``_fused.py``): the same numbers as a separate pass, the
+same output for the step, and no take-over where it could change what the step sees."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import read_events
+from lightning.pytorch.loggers import TensorBoardLogger
+from test_callback import Physics, physics_data
+from test_trust import WrongSign
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+import lightning_sensitivity.callback as callback_module
+from lightning_sensitivity import SensitivityCheckError, SensitivityMonitor
+from lightning_sensitivity._fused import FusedForward
+
+TARGETS = ["C", "net.0.weight[1, 0]"]
+
+
+class Counted(Physics):
+    """Counts every evaluation of ``forward`` (the step's and the monitor's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.forwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        return super().forward(x)
+
+
+class OtherCallFirst(Counted):
+    """Calls the model on another tensor before the batch's input: only the second call may be taken over."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        shifted = self(x + 1.0)
+        self.log("val_loss", F.mse_loss(self(x), y) + shifted.mean())
+
+
+class SubmoduleOnly(Counted):
+    """Never calls its own forward in the step: the monitor must make the call itself."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self.C * x[:, :1] + self.net(x), y))
+
+
+class GradientInStep(Counted):
+    """A physics-informed step: needs the graph of the output to differentiate it with respect to the input."""
+
+    def validation_step(self, batch, batch_idx):
+        x, _ = batch
+        with torch.enable_grad():
+            x.requires_grad_(True)  # the batch's own input: the call the monitor would make
+            (dy_dx,) = torch.autograd.grad(self(x).sum(), x)
+        self.log("residual", dy_dx.square().mean())
+
+
+class DropoutInValidation(Counted):
+    """Monte Carlo dropout: a module stays in training mode during validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        return self.C * x[:, :1] + self.net(self.drop(x))
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self.drop.train()
+
+
+def validate(tmp_path, model: L.LightningModule, fuse: bool, monkeypatch, **trainer_kwargs) -> SensitivityMonitor:
+    with monkeypatch.context() as patch:
+        if not fuse:
+            patch.setattr(callback_module, "can_fuse", lambda module: False)
+        monitor = SensitivityMonitor(TARGETS, normalize="relative", profiles=True, log_figures=False)
+        trainer = L.Trainer(
+            logger=TensorBoardLogger(tmp_path, name="fused" if fuse else "separate"),
+            callbacks=[monitor],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **trainer_kwargs,
+        )
+        metrics = trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)
+    monitor.metrics = metrics[0]  # type: ignore[attr-defined]
+    monitor.log_dir = trainer.logger.log_dir  # type: ignore[attr-defined, union-attr]
+    assert "forward" not in model.__dict__  # the model's own forward is back
+    return monitor
+
+
+def assert_same_run(fused: SensitivityMonitor, separate: SensitivityMonitor) -> None:
+    assert fused.summary() == separate.summary()
+    assert fused.metrics == separate.metrics  # type: ignore[attr-defined]
+    for label in TARGETS:
+        for stat, value in fused.profiles()[label].items():
+            torch.testing.assert_close(value, separate.profiles()[label][stat], rtol=0, atol=0)
+    (hists, scalars), (hists_separate, scalars_separate) = (read_events(m.log_dir) for m in (fused, separate))  # type: ignore[attr-defined]
+    assert sorted(hists) == sorted(hists_separate) and len(hists) == len(TARGETS)
+    for tag, events in hists.items():
+        a, b = events[-1].histogram_value, hists_separate[tag][-1].histogram_value
+        assert (a.num, a.sum, a.sum_squares, list(a.bucket)) == (b.num, b.sum, b.sum_squares, list(b.bucket))
+    assert {t: [e.value for e in v] for t, v in scalars.items()} == {
+        t: [e.value for e in v] for t, v in scalars_separate.items()
+    }
+
+
+@pytest.mark.parametrize("model_type", [Counted, OtherCallFirst])
+def test_the_steps_forward_gives_the_same_numbers_with_one_pass_less(tmp_path, monkeypatch, model_type):
+    models = {fuse: model_type() for fuse in (True, False)}
+    runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
+    assert_same_run(runs[True], runs[False])
+    # five batches, each differentiated in the step's own call (the first one verified there too)
+    assert models[False].forwards - models[True].forwards == 5
+
+
+@pytest.mark.parametrize(
+    ("model_type", "trainer_kwargs"),
+    [
+        (SubmoduleOnly, {}),  # the step never makes the monitor's call
+        (GradientInStep, {"inference_mode": False}),  # grad on in the step: it needs the graph of the output
+        (Counted, {"precision": "bf16-mixed"}),  # autocast: the monitor differentiates in the module's precision
+    ],
+)
+def test_no_take_over_where_the_step_would_see_a_difference(tmp_path, monkeypatch, model_type, trainer_kwargs):
+    models = {fuse: model_type() for fuse in (True, False)}
+    runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch, **trainer_kwargs) for fuse in (True, False)}
+    assert_same_run(runs[True], runs[False])
+    assert models[False].forwards == models[True].forwards
+
+
+def test_no_take_over_with_a_module_in_training_mode(tmp_path, monkeypatch):
+    models = {fuse: DropoutInValidation() for fuse in (True, False)}
+    for fuse, model in models.items():
+        torch.manual_seed(1)
+        validate(tmp_path, model, fuse, monkeypatch)
+    assert models[False].forwards == models[True].forwards
+
+
+class FailsOnThirdBatch(Counted):
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise ValueError("the step's own error")
+        return super().validation_step(batch, batch_idx)
+
+
+def test_an_error_in_the_step_leaves_the_models_forward_in_place(tmp_path):
+    model = FailsOnThirdBatch()
+    trainer = L.Trainer(logger=False, callbacks=[SensitivityMonitor("C", log_figures=False)], enable_progress_bar=False)
+    with pytest.raises(ValueError, match="the step's own error"):
+        trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)
+    assert "forward" not in model.__dict__
+
+
+def test_an_engine_failure_in_the_step_gives_the_step_the_models_own_output():
+    model = Counted().eval()
+    x = torch.randn(5, 2)
+
+    def fails(_: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        raise RuntimeError("no formula")
+
+    fused = FusedForward(model, x, fails)
+    assert fused.armed
+    other = torch.randn(5, 2)
+    torch.testing.assert_close(model(other), Physics.forward(model, other))  # another input: the model's own call
+    assert fused.armed and fused.result is None
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, Physics.forward(model, x))
+    assert isinstance(fused.failed, RuntimeError) and fused.result is None
+    assert not fused.armed and "forward" not in model.__dict__
+
+
+def test_the_step_gets_the_primal_output_and_the_monitor_its_tangent():
+    model = Counted().eval()
+    x = torch.randn(6, 2)
+
+    def compute(inp: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        from lightning_sensitivity._targets import resolve_targets
+        from lightning_sensitivity.functional import sensitivities_and_output
+
+        return sensitivities_and_output(model, resolve_targets(model, TARGETS, "test"), (inp,))
+
+    fused = FusedForward(model, x, compute)
+    with torch.inference_mode():
+        out = model(x)
+    expected = Physics.forward(model, x)
+    assert torch.equal(out, expected.detach())
+    assert fused.result is not None
+    torch.testing.assert_close(fused.result["C"], x[:, :1].expand(6, 3))
+
+
+def test_two_monitors_one_takes_the_step_over_the_other_runs_after_it(tmp_path, monkeypatch):
+    results = {}
+    for fuse in (True, False):
+        with monkeypatch.context() as patch:
+            if not fuse:
+                patch.setattr(callback_module, "can_fuse", lambda module: False)
+            monitors = [
+                SensitivityMonitor(["C"], log_figures=False),
+                SensitivityMonitor(TARGETS, normalize="relative", prefix="other", log_figures=False),
+            ]
+            model = Counted()
+            trainer = L.Trainer(logger=False, callbacks=list(monitors), enable_progress_bar=False)
+            trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)
+        results[fuse] = [m.summary() for m in monitors], model.forwards
+    assert results[True][0] == results[False][0]
+    assert results[False][1] - results[True][1] == 5
+
+
+class WrongDerivative(Counted):
+    """``C`` passes through a Function whose jvp has the wrong sign: the first batch's check must still stop the
+    run when that batch is differentiated inside the step."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        return WrongSign.apply(self.C * x[:, :1]) + self.net(x)
+
+
+@pytest.mark.parametrize("verify", ["error", "warn"])
+def test_the_check_inside_the_steps_call_still_stops_or_warns(tmp_path, verify):
+    model = WrongDerivative()
+    monitor = SensitivityMonitor(["C"], verify=verify, log_figures=False)
+    trainer = L.Trainer(logger=False, callbacks=[monitor], enable_progress_bar=False)
+    data = DataLoader(physics_data(40), batch_size=8)
+    if verify == "error":
+        with pytest.raises(SensitivityCheckError, match="first validation batch"):
+            trainer.validate(model, data, verbose=False)
+    else:
+        with pytest.warns(UserWarning, match="disagree on the first validation batch") as record:
+            trainer.validate(model, data, verbose=False)
+        assert len([w for w in record if "disagree" in str(w.message)]) == 1
+        assert monitor.summary()["C"]["count"] == 120
+    assert "forward" not in model.__dict__
