@@ -1,14 +1,17 @@
-"""The cost of SensitivityMonitor inside a Trainer: one validation epoch with and without it.
+"""The cost of SensitivityMonitor inside a Trainer: validation (and a short fit) with and without it.
 
     python benchmarks/callback.py            # 8192 samples, batch 512, medians of 7 interleaved runs
     python benchmarks/callback.py --quick    # 3 runs
 
 Configurations, each against the same Trainer without the monitor:
-- ``default``: the monitor as it comes (statistics, histograms, the ranked table; figures off here, since
-  they are drawn in a background thread whose cost a one-epoch ``trainer.validate`` cannot hide);
+- ``default``: the monitor as it comes (verification on the first batch, statistics, histograms, the ranked
+  table), figures off: what scales with the data;
 - ``analysis``: everything that streams per batch on: ``normalize="relative"``, ``profiles=True`` (and the
   correlation, which is always on);
-- ``figures``: ``analysis`` plus the matplotlib figures, waited for before ``validate`` returns.
+- ``figures``: everything on: ``analysis`` plus the matplotlib figures. ``trainer.validate`` waits for them
+  before it returns, so they are a fixed cost per logged epoch (independent of the number of samples) that a
+  one-epoch validation cannot hide; in ``fit`` they are drawn in a background thread while training goes on,
+  which the second table measures (three epochs of training and validation).
 Model: the MLP 64 -> 512 -> 512 -> 8 (tanh) of ``benchmarks/engine.py``; targets are elements of its middle
 weight matrix. Ratios are what count; absolute times on a shared 2-core machine are noisy.
 """
@@ -16,6 +19,7 @@ weight matrix. Ratios are what count; absolute times on a shared 2-core machine 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -38,8 +42,14 @@ class Net(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self(batch[0]).square().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
 def targets(k: int) -> list[str]:
@@ -59,6 +69,7 @@ def interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, 
         run()
     for _ in range(repeats):
         for name, run in runs.items():
+            gc.collect()  # the garbage of the run before (figures are cycles of many objects) is not this run's cost
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -77,27 +88,42 @@ def main() -> None:
     data = DataLoader(TensorDataset(torch.randn(args.samples, 64)), batch_size=args.batch)
     model = Net()
 
-    def validate(callbacks: list) -> None:
-        trainer = L.Trainer(
+    def trainer(callbacks: list) -> L.Trainer:
+        return L.Trainer(
             logger=L.pytorch.loggers.TensorBoardLogger(tempfile.mkdtemp()),
             callbacks=callbacks,
+            max_epochs=3,
             enable_progress_bar=False,
             enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
         )
-        trainer.validate(model, data, verbose=False)
+
+    def validate(callbacks: list) -> None:
+        trainer(callbacks).validate(model, data, verbose=False)
+
+    def fit(callbacks: list) -> None:
+        trainer(callbacks).fit(Net(), data, data)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"\n## Callback overhead: one validation epoch, {args.samples} samples, batch {args.batch} (validate)")
-    print("| K | without | " + " | ".join(CONFIGS) + " | " + " | ".join(f"{c} / without" for c in CONFIGS) + " |")
-    print("|---|---|" + "---|" * (2 * len(CONFIGS)))
-    for k in (1, 16):
-        runs: dict[str, Callable[[], None]] = {"without": lambda: validate([])}
-        for name, options in CONFIGS.items():
-            runs[name] = lambda options=options: validate([SensitivityMonitor(targets(k), **options)])
-        med = interleaved(runs, repeats)
-        times = " | ".join(f"{med[c]:.3f} s" for c in CONFIGS)
-        ratios = " | ".join(f"{med[c] / med['without']:.2f}" for c in CONFIGS)
-        print(f"| {k} | {med['without']:.3f} s | {times} | {ratios} |")
+    tables = (
+        (validate, f"one validation epoch, {args.samples} samples, batch {args.batch} (`trainer.validate`)"),
+        (fit, f"three epochs of training and validation on {args.samples} samples, batch {args.batch} (`trainer.fit`)"),
+    )
+    for run_trainer, title in tables:
+        print(f"\n## Callback overhead: {title}")
+        print("| K | without | " + " | ".join(CONFIGS) + " | " + " | ".join(f"{c} / without" for c in CONFIGS) + " |")
+        print("|---|---|" + "---|" * (2 * len(CONFIGS)))
+        for k in (1, 16):
+            runs: dict[str, Callable[[], None]] = {"without": lambda run_trainer=run_trainer: run_trainer([])}
+            for name, options in CONFIGS.items():
+                runs[name] = lambda options=options, run_trainer=run_trainer, k=k: run_trainer(
+                    [SensitivityMonitor(targets(k), **options)]
+                )
+            med = interleaved(runs, repeats)
+            times = " | ".join(f"{med[c]:.3f} s" for c in CONFIGS)
+            ratios = " | ".join(f"{med[c] / med['without']:.2f}" for c in CONFIGS)
+            print(f"| {k} | {med['without']:.3f} s | {times} | {ratios} |")
 
 
 if __name__ == "__main__":

@@ -52,14 +52,18 @@ class FigureWriter:
 def _draw(prefix: str, report: Report, sinks: list[tuple[FigureSink, bool]]) -> None:
     from matplotlib.figure import Figure
 
-    figures = {f"{prefix}/ranking": ranking(Figure, report), f"{prefix}/correlation": correlation(Figure, report)}
-    for idx, profiles in report.profiles.items():
-        suffix = "" if idx == min(report.profiles) else f"/dataloader_{idx}"
-        for label, profile in profiles.items():
-            figures[f"{prefix}/profile/{label}{suffix}"] = profile_figure(Figure, label, profile)
-    for tag, figure in figures.items():
+    def hand_over(tag: str, figure: Any) -> None:
         for sink, _ in sinks:
             sink(tag, figure, report.step)
+
+    hand_over(f"{prefix}/ranking", ranking(Figure, report))
+    hand_over(f"{prefix}/correlation", correlation(Figure, report))
+    for idx, profiles in report.profiles.items():
+        suffix = "" if idx == min(report.profiles) else f"/dataloader_{idx}"
+        figure = None  # one figure per dataloader, redrawn for each target (every sink is done with it by then)
+        for label, profile in profiles.items():
+            figure = profile_figure(Figure, label, profile, reuse=figure)
+            hand_over(f"{prefix}/profile/{label}{suffix}", figure)
     if any(histograms for _, histograms in sinks):
         for label, hist in zip(report.labels, report.histograms, strict=True):
             if hist.num > 0:
@@ -79,28 +83,58 @@ def pixels(figure: Any) -> Any:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]
 
 
+#: Inches per character of tick-label text (DejaVu Sans at 10 pt, a little generous): margins are sized from the
+#: labels' lengths instead of by a layout engine, which measures every text several times (half a figure's cost).
+_CHAR = 0.08
+_DPI = 80
+
+
+def _figure(  # noqa: N803
+    Figure: Any, width: float, height: float, left: float, bottom: float, right: float = 0.25
+) -> tuple[Any, Any]:
+    """A figure of ``width`` x ``height`` inches with one axes inside margins of ``left``, ``bottom`` and
+    ``right`` inches (and room for a title above)."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(width, height), dpi=_DPI)
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - 0.4 / height)
+    axes = figure.add_subplot()
+    for axis in (axes.xaxis, axes.yaxis):  # fewer ticks: each is several artists, laid out at every draw
+        axis.set_major_locator(MaxNLocator(nbins=5))
+    return figure, axes
+
+
+def _title(axes: Any, text: str) -> None:
+    """A title at a fixed height (an automatic one measures the tick labels beneath it at every draw)."""
+    axes.set_title(text, y=1.01)
+
+
 def ranking(Figure: Any, report: Report) -> Any:  # noqa: N803 (the class is passed in, imported lazily)
     """Morris-style importance: μ* (mean |dy/dθ|) per target with σ as an error bar, rank 1 at the top."""
     labels = report.ranked()
     k = len(labels)
-    figure = Figure(figsize=(6.0, 1.2 + 0.35 * k), dpi=80, layout="constrained")
-    axes = figure.add_subplot()
+    left = 0.3 + _CHAR * max(len(label) for label in labels)
+    figure, axes = _figure(Figure, 5.5 + left, 1.2 + 0.35 * k, left, 0.6)
     mu_star = [report.stats[label]["abs_mean"] for label in labels]
     sigma = [report.stats[label]["std"] for label in labels]
-    axes.barh(range(k), mu_star, xerr=sigma, color="tab:blue", ecolor="0.3", capsize=3)
+    axes.barh(range(k), mu_star, color="tab:blue")
+    # one collection for every error bar, not an errorbar container of lines and caps per target
+    low = [m - s for m, s in zip(mu_star, sigma, strict=True)]
+    high = [m + s for m, s in zip(mu_star, sigma, strict=True)]
+    axes.hlines(range(k), low, high, colors="0.3")
     axes.set_yticks(range(k), labels)
-    axes.invert_yaxis()
-    axes.set_xlabel("μ* = mean |dy/dθ|  (error bar: σ of dy/dθ)")
-    axes.set_title(f"importance ranking, step {report.step}")
+    axes.set_ylim(k - 0.5, -0.5)  # rank 1 at the top
+    axes.set_xlabel("μ* = mean |dy/dθ|  (line: ± σ of dy/dθ)")
+    _title(axes, f"importance ranking, step {report.step}")
     return figure
 
 
 def correlation(Figure: Any, report: Report) -> Any:  # noqa: N803
     """The Pearson correlation of the targets' sensitivities: near ±1, two targets cannot be told apart."""
     k = len(report.labels)
-    size = 2.5 + 0.45 * k
-    figure = Figure(figsize=(size + 1.0, size), dpi=80, layout="constrained")
-    axes = figure.add_subplot()
+    margin = 0.3 + _CHAR * max(len(label) for label in report.labels)
+    side = 2.0 + 0.4 * k
+    figure, axes = _figure(Figure, side + margin + 1.3, side + margin + 0.4, margin, margin, right=1.3)
     image = axes.imshow(report.correlation.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
     axes.set_xticks(range(k), report.labels, rotation=90)
     axes.set_yticks(range(k), report.labels)
@@ -109,33 +143,41 @@ def correlation(Figure: Any, report: Report) -> Any:  # noqa: N803
             for j in range(k):
                 value = float(report.correlation[i, j])
                 axes.text(j, i, "—" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes, label="correlation")
-    axes.set_title(f"correlation of sensitivities (collinearity {report.collinearity:.4g})")
+    figure.colorbar(image, ax=axes, label="correlation", fraction=0.05, pad=0.03)
+    _title(axes, f"correlation of sensitivities (collinearity {report.collinearity:.4g})")
     return figure
 
 
-def profile_figure(Figure: Any, label: str, profile: dict[str, Tensor]) -> Any:  # noqa: N803
-    """The mean and mean |dy/dθ| of every output element, over the flattened output."""
-    figure = Figure(figsize=(6.0, 3.0), dpi=80, layout="constrained")
-    axes = figure.add_subplot()
+def profile_figure(Figure: Any, label: str, profile: dict[str, Tensor], reuse: Any = None) -> Any:  # noqa: N803
+    """The mean and mean |dy/dθ| of every output element, over the flattened output. ``reuse``: an earlier
+    profile figure of an output of the same shape, redrawn with this profile (about half the cost of a new one:
+    no new axes, ticks and legend)."""
+    if reuse is not None:
+        axes = reuse.axes[0]
+        for line, key in zip(axes.lines[:2], ("mean", "abs_mean"), strict=True):
+            line.set_ydata(profile[key].reshape(-1).numpy())
+        axes.relim()
+        axes.autoscale_view()
+        axes.title.set_text(f"profile of {label}")
+        return reuse
+    figure, axes = _figure(Figure, 6.0, 3.0, 0.85, 0.5)
     axes.plot(profile["mean"].reshape(-1).numpy(), label="mean dy/dθ")
     axes.plot(profile["abs_mean"].reshape(-1).numpy(), label="mean |dy/dθ|")
     axes.axhline(0.0, color="0.6", linewidth=0.8)
     shape = tuple(profile["mean"].shape)
     axes.set_xlabel("output element" + (f" (flattened from {shape})" if len(shape) > 1 else ""))
-    axes.set_title(f"profile of {label}")
-    axes.legend(loc="best", fontsize=8)
+    _title(axes, f"profile of {label}")
+    axes.legend(loc="upper right", fontsize=8)  # "best" searches every position: a third of the figure's cost
     return figure
 
 
 def histogram_figure(Figure: Any, label: str, hist: Histogram, step: int) -> Any:  # noqa: N803
     """The histogram's buckets as bars of their true widths (for loggers without a histogram type)."""
-    figure = Figure(figsize=(6.0, 3.0), dpi=80, layout="constrained")
-    axes = figure.add_subplot()
+    figure, axes = _figure(Figure, 6.0, 3.0, 0.85, 0.5)
     counts, edges = hist.bins()
     widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
     axes.bar(edges[:-1], counts, width=widths, align="edge", color="tab:blue", edgecolor="none")
     axes.set_xlabel(f"dy/dθ  ({hist.num} values, {hist.nonfinite} non-finite left out)")
     axes.set_ylabel("count")
-    axes.set_title(f"{label}, step {step}")
+    _title(axes, f"{label}, step {step}")
     return figure

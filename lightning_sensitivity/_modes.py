@@ -9,6 +9,8 @@ here chooses between the ways.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -58,9 +60,10 @@ class Model:
         self.runner = _Runner(module, function, api)
         self.name = self.runner.name
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
-        for tensor in (*self.module.parameters(), *self.module.buffers()):
+        """The device of the module's first tensor (looked up once: a model lives for one call of the engine)."""
+        for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
             return tensor.device
         return torch.device("cpu")
 

@@ -122,6 +122,22 @@ def test_table_and_figures_in_tensorboard(tmp_path):
         assert images[tag][0].width > 100 and images[tag][0].height > 100
 
 
+def test_a_redrawn_profile_figure_is_the_figure_drawn_afresh():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from lightning_sensitivity._figures import pixels, profile_figure
+
+    g = torch.Generator().manual_seed(0)
+    first, second = (
+        {"mean": torch.randn(12, generator=g), "abs_mean": torch.rand(12, generator=g) * s} for s in (1, 50)
+    )
+    fresh = pixels(profile_figure(Figure, "k", second))
+    redrawn = pixels(profile_figure(Figure, "k", second, reuse=profile_figure(Figure, "A", first)))
+    assert (fresh == redrawn).all()
+    assert not (fresh == pixels(profile_figure(Figure, "A", first))).all()
+
+
 def test_without_matplotlib_one_warning_and_the_rest_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     monkeypatch.setattr("lightning_sensitivity.callback.matplotlib_available", lambda: False)
