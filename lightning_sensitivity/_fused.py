@@ -95,6 +95,8 @@ class FusedForward:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs or len(args) != 1 or args[0] is not self.input or not _plain_context(self.input.device):
             return self._original(*args, **kwargs)
+        if not can_fuse(self.module):  # checked at the call: the step may have changed a module's mode
+            return self._original(*args, **kwargs)
         self.disarm()  # the engine (and anything the model calls) sees the model's own forward
         try:
             sens, output = self.compute(args[0])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
-from lightning_sensitivity._fused import FusedForward, can_fuse, model_input
+from lightning_sensitivity._fused import FusedForward, model_input
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
 from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
@@ -456,7 +456,7 @@ class SensitivityMonitor(Callback):
             return
         module = trainer.lightning_module
         x = model_input(batch)
-        if x is None or callable(getattr(module, "sensitivity_step", None)) or not can_fuse(module):
+        if x is None or callable(getattr(module, "sensitivity_step", None)):
             return
         if "forward" in module.__dict__:  # taken over already (by another monitor): this one runs after the step
             return

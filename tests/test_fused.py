@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-import lightning_sensitivity.callback as callback_module
+import lightning_sensitivity._fused as fused_module
 from lightning_sensitivity import SensitivityCheckError, SensitivityMonitor
 from lightning_sensitivity._fused import FusedForward
 
@@ -82,7 +82,7 @@ class DropoutInValidation(Counted):
 def validate(tmp_path, model: L.LightningModule, fuse: bool, monkeypatch, **trainer_kwargs) -> SensitivityMonitor:
     with monkeypatch.context() as patch:
         if not fuse:
-            patch.setattr(callback_module, "can_fuse", lambda module: False)
+            patch.setattr(fused_module, "can_fuse", lambda module: False)
         monitor = SensitivityMonitor(TARGETS, normalize="relative", profiles=True, log_figures=False)
         trainer = L.Trainer(
             logger=TensorBoardLogger(tmp_path, name="fused" if fuse else "separate"),
@@ -138,8 +138,20 @@ def test_no_take_over_where_the_step_would_see_a_difference(tmp_path, monkeypatc
     assert models[False].forwards == models[True].forwards
 
 
-def test_no_take_over_with_a_module_in_training_mode(tmp_path, monkeypatch):
-    models = {fuse: DropoutInValidation() for fuse in (True, False)}
+class DropoutSwitchedOnInTheStep(DropoutInValidation):
+    """Switches dropout on inside the step, after the batch started: checked at the call, not before the step."""
+
+    def on_validation_model_eval(self) -> None:
+        L.LightningModule.on_validation_model_eval(self)
+
+    def validation_step(self, batch, batch_idx):
+        self.drop.train()
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("model_type", [DropoutInValidation, DropoutSwitchedOnInTheStep])
+def test_no_take_over_with_a_module_in_training_mode(tmp_path, monkeypatch, model_type):
+    models = {fuse: model_type() for fuse in (True, False)}
     for fuse, model in models.items():
         torch.manual_seed(1)
         validate(tmp_path, model, fuse, monkeypatch)
@@ -204,7 +216,7 @@ def test_two_monitors_one_takes_the_step_over_the_other_runs_after_it(tmp_path, 
     for fuse in (True, False):
         with monkeypatch.context() as patch:
             if not fuse:
-                patch.setattr(callback_module, "can_fuse", lambda module: False)
+                patch.setattr(fused_module, "can_fuse", lambda module: False)
             monitors = [
                 SensitivityMonitor(["C"], log_figures=False),
                 SensitivityMonitor(TARGETS, normalize="relative", prefix="other", log_figures=False),
