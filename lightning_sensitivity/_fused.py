@@ -41,7 +41,8 @@ def model_input(batch: Any) -> Tensor | None:
 
 
 def can_fuse(module: nn.Module) -> bool:
-    """Whether the module's own forward may be taken over at all (what a call's context cannot change)."""
+    """Whether the module's own forward call may be taken over: not compiled, not sharded, every module in eval
+    mode. Checked at the call, since the step may have switched a module's mode."""
     if getattr(module, "_compiled_call_impl", None) is not None:  # Module.compile(): dynamo would trace the engine
         return False
     if uses_fsdp(module):
@@ -50,8 +51,12 @@ def can_fuse(module: nn.Module) -> bool:
 
 
 def _plain_context(device: torch.device) -> bool:
-    """Grad off (or inference mode) and no autocast for ``device``'s type, as the monitor runs after the step."""
+    """Grad off (or inference mode) and no autocast for ``device``'s type, as the monitor runs after the step;
+    not inside code that dynamo is tracing (a compiled step)."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return False
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is not None and is_compiling():
         return False
     try:
         return not torch.is_autocast_enabled(device.type)

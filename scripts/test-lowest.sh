@@ -6,7 +6,8 @@
 # newest).
 #
 # Which tests: by default those where the pinned packages do the work: the callback and its aggregator in a
-# real Trainer (test_callback, test_analysis, test_faults: checkpoints, resume, several monitors), the stages,
+# real Trainer (test_callback, test_analysis, test_faults: checkpoints, resume, several monitors), the step's own
+# forward call taken over through Lightning's hooks (test_fused), the stages,
 # TensorBoard and the other loggers (test_stages, test_loggers), LightningCLI with the lowest jsonargparse
 # (test_examples) and the package's doctests. Left out, to keep CI within its time: the engine's own tests
 # (test_functional, test_targets, test_trust, test_products, test_many_targets: torch and the test tools only,
@@ -50,6 +51,6 @@ import importlib.metadata as m
 print('test-lowest:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'lightning', 'torchmetrics', 'tensorboard', 'jsonargparse', 'numpy')))"
 if [ $# -eq 0 ]; then
   set -- tests/test_analysis.py tests/test_callback.py tests/test_examples.py tests/test_faults.py \
-    tests/test_loggers.py tests/test_stages.py lightning_sensitivity
+    tests/test_fused.py tests/test_loggers.py tests/test_stages.py lightning_sensitivity
 fi
 python -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"  # none of these files has a module fixture
