@@ -160,14 +160,15 @@ def profile_figure(Figure: Any, label: str, profile: dict[str, Tensor], reuse: A
         axes.autoscale_view()
         axes.title.set_text(f"profile of {label}")
         return reuse
-    figure, axes = _figure(Figure, 6.0, 3.0, 0.85, 0.5)
+    figure, axes = _figure(Figure, 7.3, 3.0, 0.85, 0.5, right=1.5)
     axes.plot(profile["mean"].reshape(-1).numpy(), label="mean dy/dθ")
     axes.plot(profile["abs_mean"].reshape(-1).numpy(), label="mean |dy/dθ|")
     axes.axhline(0.0, color="0.6", linewidth=0.8)
     shape = tuple(profile["mean"].shape)
     axes.set_xlabel("output element" + (f" (flattened from {shape})" if len(shape) > 1 else ""))
     _title(axes, f"profile of {label}")
-    axes.legend(loc="upper right", fontsize=8)  # "best" searches every position: a third of the figure's cost
+    # beside the axes, never over a curve ("best" would search every position: a third of the figure's cost)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return figure
 
 
