@@ -18,6 +18,8 @@ Every method computes the same thing, d y[b, o] / d target for every sample b an
 - grads_batched torch.autograd.grad(is_grads_batched=True) over every output element at once
 - jacrev        torch.func.jacrev with respect to the K target scalars
 - finite diff   central differences, 2K forwards; its max error against float64 is reported
+
+The monitor's cost inside a Trainer is measured by ``benchmarks/callback.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -303,63 +304,6 @@ def table_memory(batch: int, ks: list[int]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def table_callback(samples: int, batch: int, repeats: int) -> None:
-    import warnings
-
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_sensitivity import SensitivityMonitor
-
-    class Net(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make_model()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", self(batch[0]).square().mean())
-
-    print(f"\n## Callback overhead: one validation epoch, {samples} samples, batch {batch} (trainer.validate)")
-    print("| K | without | with SensitivityMonitor | ratio | of which epoch-end work |")
-    print("|---|---|---|---|---|")
-    data = DataLoader(TensorDataset(torch.randn(samples, 64)), batch_size=batch)
-    model = Net()
-    warnings.filterwarnings("ignore")
-    for k in (1, 16):
-        epoch_end: list[float] = []
-
-        def run(callbacks):
-            trainer = L.Trainer(
-                logger=L.pytorch.loggers.TensorBoardLogger(tempfile.mkdtemp()),
-                callbacks=callbacks,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            trainer.validate(model, data, verbose=False)
-
-        def monitored():
-            monitor = SensitivityMonitor([f"net.{t}" for t in targets(k)])
-            end = monitor.on_validation_epoch_end
-
-            def timed_end(*args):
-                start = time.perf_counter()
-                end(*args)
-                epoch_end.append(time.perf_counter() - start)
-
-            monitor.on_validation_epoch_end = timed_end
-            run([monitor])
-
-        med = interleaved({"without": lambda: run([]), "with": monitored}, repeats)
-        end_time = statistics.median(epoch_end)
-        print(
-            f"| {k} | {med['without']:.3f} s | {med['with']:.3f} s | {med['with'] / med['without']:.2f} "
-            f"| {end_time * 1000:.1f} ms ({100 * end_time / med['with']:.1f} %) |"
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller sweep")
@@ -377,7 +321,6 @@ def main() -> None:
     table_targets(256, ks, repeats)
     table_targets(2048, [1, 16] if args.quick else [1, 16, 64], repeats)
     table_memory(256, [1, 16] if args.quick else [1, 16, 64, 256])
-    table_callback(8192, 512, 3 if args.quick else 5)
 
 
 if __name__ == "__main__":
