@@ -27,7 +27,6 @@ from lightning_sensitivity.functional import (
     check_method,
     check_normalize,
     choice_pending,
-    compute_sensitivities,
     sensitivities_and_output,
 )
 
@@ -515,10 +514,7 @@ class SensitivityMonitor(Callback):
             return
         if run.aggregator is None:
             return
-        seen = run.batches.get(dataloader_idx, 0)
-        if self.max_batches is not None and seen >= self.max_batches:
-            return
-        run.batches[dataloader_idx] = seen + 1
+        run.batches[dataloader_idx] = run.batches.get(dataloader_idx, 0) + 1  # below max_batches: see _wanted
         if fused is not None and fused.result is not None:
             sens = fused.result
         else:
@@ -573,7 +569,10 @@ class SensitivityMonitor(Callback):
             )
         if function is None:
             _check_forward_takes(module, args)
-        return compute_sensitivities(module, self._resolved, args, function=function, **self._options(stage, trainer))
+        sens, _ = sensitivities_and_output(
+            module, self._resolved, args, function=function, **self._options(stage, trainer)
+        )
+        return sens
 
     def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:
         """The verdict of the finite-difference check on this process's first batch; every process learns

@@ -178,7 +178,7 @@ def per_sample_sensitivities(
     check_normalize(normalize, api)
     resolved = resolve_targets(module, targets, api)
     on_check = _raise_on_mismatch(api) if verify else None
-    return compute_sensitivities(
+    sens, _ = sensitivities_and_output(
         module,
         resolved,
         args,
@@ -189,6 +189,7 @@ def per_sample_sensitivities(
         on_check=on_check,
         normalize=normalize,
     )
+    return sens
 
 
 def _raise_on_mismatch(api: str) -> Callable[[list[Mismatch]], None]:
@@ -219,45 +220,6 @@ def check_chunk_size(chunk_size: int | None, api: str) -> None:
         raise ValueError(f"{api}: chunk_size must be a positive integer or None; got {chunk_size!r}.")
 
 
-def compute_sensitivities(
-    module: nn.Module,
-    resolved: Sequence[ResolvedTarget],
-    args: Tensor | tuple[Any, ...],
-    kwargs: dict[str, Any] | None = None,
-    *,
-    method: Method = "auto",
-    chunk_size: int | None = None,
-    function: Callable[..., Any] | None = None,
-    api: str = "per_sample_sensitivities",
-    on_check: Callable[[list[Mismatch]], None] | None = None,
-    normalize: Normalize = "none",
-    agree: Callable[[str], str] | None = None,
-) -> dict[str, Tensor]:
-    """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
-
-    With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
-    differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
-    With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
-    targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
-    With ``agree``, the mode ``"auto"`` measured cheaper is passed through it, and its answer is used: the callback
-    makes every process of a distributed run use rank 0's choice.
-    """
-    sens, _ = sensitivities_and_output(
-        module,
-        resolved,
-        args,
-        kwargs,
-        method=method,
-        chunk_size=chunk_size,
-        function=function,
-        api=api,
-        on_check=on_check,
-        normalize=normalize,
-        agree=agree,
-    )
-    return sens
-
-
 def sensitivities_and_output(
     module: nn.Module,
     resolved: Sequence[ResolvedTarget],
@@ -272,8 +234,17 @@ def sensitivities_and_output(
     normalize: Normalize = "none",
     agree: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """:func:`compute_sensitivities` and the output of the evaluation they came from (detached): the callback
-    hands that output to a ``validation_step`` that asked for it (``_fused.py``)."""
+    """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
+
+    With ``function`` (a method of ``module`` such as ``sensitivity_step``), ``function(*args, **kwargs)`` is
+    differentiated instead of ``module(*args, **kwargs)``, with the module's tensors swapped in the same way.
+    With ``on_check``, the result is also compared with finite differences and ``on_check`` receives the
+    targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
+    With ``agree``, the mode ``"auto"`` measured cheaper is passed through it, and its answer is used: the callback
+    makes every process of a distributed run use rank 0's choice.
+    Returns the sensitivities and the output of the evaluation they came from (detached): the callback hands that
+    output to a ``validation_step`` that asked for it (``_fused.py``).
+    """
     if isinstance(args, Tensor):
         args = (args,)
     elif not isinstance(args, tuple):
@@ -311,14 +282,19 @@ def choice_pending(
     method: Method = "auto",
     function: Callable[..., Any] | None = None,
 ) -> bool:
-    """Whether :func:`compute_sensitivities` on these arguments would first measure which mode is cheaper
+    """Whether :func:`sensitivities_and_output` on these arguments would first measure which mode is cheaper
     (``method="auto"``, several targets, a new input structure), which with ``agree`` is a collective."""
     plan = _PLANS.get(module)
     if plan is None:
         return True
-    if method != "auto" or plan.reverse or len(resolved) <= 1 or not plan.per_sample:
+    if not _chooses(plan, method, resolved):
         return False
     return _signature(Model(module, args, kwargs or {}, function), resolved) not in plan.choices
+
+
+def _chooses(plan: _Plan, method: Method, resolved: Sequence[ResolvedTarget]) -> bool:
+    """Whether ``method="auto"`` chooses between forward and per-sample reverse mode for these targets."""
+    return method == "auto" and not plan.reverse and len(resolved) > 1 and plan.per_sample
 
 
 def _differentiate_sharded(
@@ -393,7 +369,7 @@ def _differentiate(
     Returns the sensitivities and the output. Every attempt starts from the random state of the call, so the
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
-    if method == "auto" and not plan.reverse and len(resolved) > 1 and plan.per_sample:
+    if _chooses(plan, method, resolved):
         key = _signature(model, resolved)
         if key not in plan.choices:
             choice = _choose(model, plan, resolved, tensors, chunk_size)

@@ -90,7 +90,7 @@ def test_the_choice_is_measured_once_per_input_structure_and_can_be_overruled(ca
     """Batches of another size share the choice (no new probe); ``agree`` (the callback: rank 0's choice on every
     process) decides what is used."""
     from lightning_sensitivity._targets import resolve_targets
-    from lightning_sensitivity.functional import compute_sensitivities
+    from lightning_sensitivity.functional import sensitivities_and_output
 
     torch.manual_seed(5)
     model = Wide(1).eval()
@@ -103,9 +103,9 @@ def test_the_choice_is_measured_once_per_input_structure_and_can_be_overruled(ca
         return "forward" if choice == "per-sample reverse" else "per-sample reverse"
 
     with caplog.at_level(logging.DEBUG, logger="lightning_sensitivity"):
-        first = compute_sensitivities(model, resolved, (torch.randn(96, 16),), agree=agree)
+        first, _ = sensitivities_and_output(model, resolved, (torch.randn(96, 16),), agree=agree)
         x2 = torch.randn(40, 16)
-        second = compute_sensitivities(model, resolved, (x2,), agree=agree)
+        second, _ = sensitivities_and_output(model, resolved, (x2,), agree=agree)
     assert len(asked) == 1 and asked[0] in ("forward", "per-sample reverse")  # measured once, for both sizes
     assert len([r for r in caplog.records if r.name == "lightning_sensitivity"]) == 1
     assert first[resolved[0].label].shape == (96, 1) and second[resolved[0].label].shape == (40, 1)
