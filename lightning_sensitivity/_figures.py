@@ -1,6 +1,10 @@
 """Figures of an epoch's :class:`~lightning_sensitivity._report.Report`, drawn with matplotlib in one
 background thread so that validation and training go on meanwhile.
 
+A figure is built once and redrawn with each epoch's numbers (and, for profiles, each target's): building one,
+with its axes, ticks and colour bar, costs about as much as drawing it. A redrawn figure is pixel for pixel
+the figure built afresh (tested).
+
 matplotlib is optional (``pip install "lightning-sensitivity[plots]"``) and imported only here, only in the
 drawing thread. Figures are ``matplotlib.figure.Figure`` objects (no pyplot, no GUI backend).
 """
@@ -33,6 +37,9 @@ class FigureWriter:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
+        #: figures to redraw at the next epoch, by what they show (tag prefix, kind, labels or output shape);
+        #: touched by the drawing thread only, and by :meth:`close` once it is idle
+        self._kept: dict[tuple[Any, ...], Any] = {}
 
     def submit(self, prefix: str, report: Report, sinks: Sequence[tuple[FigureSink, bool]]) -> None:
         """Draw ``<prefix>/ranking``, ``<prefix>/correlation`` and ``<prefix>/profile/<target>`` (per dataloader
@@ -40,7 +47,7 @@ class FigureWriter:
         sinks paired with ``True`` (loggers without a histogram type)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensitivity-figures")
-        self._pending.append(self._executor.submit(_draw, prefix, report, list(sinks)))
+        self._pending.append(self._executor.submit(_draw, prefix, report, list(sinks), self._kept))
 
     def wait(self) -> None:
         """Block until every submitted figure is handed over; re-raise the first drawing error."""
@@ -48,22 +55,39 @@ class FigureWriter:
         for future in pending:
             future.result()
 
+    def close(self) -> None:
+        """:meth:`wait`, then let the kept figures and the thread go (a later :meth:`submit` starts afresh)."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._kept.clear()
 
-def _draw(prefix: str, report: Report, sinks: list[tuple[FigureSink, bool]]) -> None:
+
+def _draw(prefix: str, report: Report, sinks: list[tuple[FigureSink, bool]], kept: dict[tuple[Any, ...], Any]) -> None:
+    """Draw one epoch's figures for ``sinks``. Every sink is done with a figure when it returns, so a figure in
+    ``kept`` (keyed by what fixes its layout) is redrawn with the next numbers."""
     from matplotlib.figure import Figure
 
     def hand_over(tag: str, figure: Any) -> None:
         for sink, _ in sinks:
             sink(tag, figure, report.step)
 
-    hand_over(f"{prefix}/ranking", ranking(Figure, report))
-    hand_over(f"{prefix}/correlation", correlation(Figure, report))
+    labels = tuple(report.labels)
+    key: tuple[Any, ...] = (prefix, "ranking", labels)
+    kept[key] = ranking(Figure, report, reuse=kept.get(key))
+    hand_over(f"{prefix}/ranking", kept[key])
+    key = (prefix, "correlation", labels)
+    kept[key] = correlation(Figure, report, reuse=kept.get(key))
+    hand_over(f"{prefix}/correlation", kept[key])
     for idx, profiles in report.profiles.items():
         suffix = "" if idx == min(report.profiles) else f"/dataloader_{idx}"
-        figure = None  # one figure per dataloader, redrawn for each target (every sink is done with it by then)
-        for label, profile in profiles.items():
-            figure = profile_figure(Figure, label, profile, reuse=figure)
-            hand_over(f"{prefix}/profile/{label}{suffix}", figure)
+        for label, profile in profiles.items():  # one figure per output shape, redrawn for each target
+            key = (prefix, "profile", tuple(profile["mean"].shape))
+            kept[key] = profile_figure(Figure, label, profile, reuse=kept.get(key))
+            hand_over(f"{prefix}/profile/{label}{suffix}", kept[key])
     if any(histograms for _, histograms in sinks):
         for label, hist in zip(report.labels, report.histograms, strict=True):
             if hist.num > 0:
@@ -109,12 +133,21 @@ def _title(axes: Any, text: str) -> None:
     axes.set_title(text, y=1.01)
 
 
-def ranking(Figure: Any, report: Report) -> Any:  # noqa: N803 (the class is passed in, imported lazily)
-    """Morris-style importance: μ* (mean |dy/dθ|) per target with σ as an error bar, rank 1 at the top."""
+def ranking(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa: N803 (the class is passed in, imported lazily)
+    """Morris-style importance: μ* (mean |dy/dθ|) per target with σ as an error bar, rank 1 at the top.
+    ``reuse``: a ranking figure of the same targets, redrawn with this report."""
     labels = report.ranked()
     k = len(labels)
-    left = 0.3 + _CHAR * max(len(label) for label in labels)
-    figure, axes = _figure(Figure, 5.5 + left, 1.2 + 0.35 * k, left, 0.6)
+    if reuse is None:
+        left = 0.3 + _CHAR * max(len(label) for label in labels)
+        figure, axes = _figure(Figure, 5.5 + left, 1.2 + 0.35 * k, left, 0.6)
+        axes.set_xlabel("μ* = mean |dy/dθ|  (line: ± σ of dy/dθ)")
+        _title(axes, "")
+    else:
+        figure, axes = reuse, reuse.axes[0]
+        for artist in [*axes.patches, *axes.collections]:
+            artist.remove()
+        axes.relim()  # forget the last epoch's data limits (none are left)
     mu_star = [report.stats[label]["abs_mean"] for label in labels]
     sigma = [report.stats[label]["std"] for label in labels]
     axes.barh(range(k), mu_star, color="tab:blue")
@@ -124,27 +157,36 @@ def ranking(Figure: Any, report: Report) -> Any:  # noqa: N803 (the class is pas
     axes.hlines(range(k), low, high, colors="0.3")
     axes.set_yticks(range(k), labels)
     axes.set_ylim(k - 0.5, -0.5)  # rank 1 at the top
-    axes.set_xlabel("μ* = mean |dy/dθ|  (line: ± σ of dy/dθ)")
-    _title(axes, f"importance ranking, step {report.step}")
+    axes.title.set_text(f"importance ranking, step {report.step}")
     return figure
 
 
-def correlation(Figure: Any, report: Report) -> Any:  # noqa: N803
-    """The Pearson correlation of the targets' sensitivities: near ±1, two targets cannot be told apart."""
+def correlation(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa: N803
+    """The Pearson correlation of the targets' sensitivities: near ±1, two targets cannot be told apart.
+    ``reuse``: a correlation figure of the same targets, redrawn with this report."""
     k = len(report.labels)
-    margin = 0.3 + _CHAR * max(len(label) for label in report.labels)
-    side = 2.0 + 0.4 * k
-    figure, axes = _figure(Figure, side + margin + 1.3, side + margin + 0.4, margin, margin, right=1.3)
-    image = axes.imshow(report.correlation.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    axes.set_xticks(range(k), report.labels, rotation=90)
-    axes.set_yticks(range(k), report.labels)
-    if k <= 12:
-        for i in range(k):
-            for j in range(k):
-                value = float(report.correlation[i, j])
-                axes.text(j, i, "—" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes, label="correlation", fraction=0.05, pad=0.03)
-    _title(axes, f"correlation of sensitivities (collinearity {report.collinearity:.4g})")
+    values = report.correlation.numpy()
+    if reuse is None:
+        margin = 0.3 + _CHAR * max(len(label) for label in report.labels)
+        side = 2.0 + 0.4 * k
+        figure, axes = _figure(Figure, side + margin + 1.3, side + margin + 0.4, margin, margin, right=1.3)
+        image = axes.imshow(values, vmin=-1, vmax=1, cmap="RdBu_r")
+        axes.set_xticks(range(k), report.labels, rotation=90)
+        axes.set_yticks(range(k), report.labels)
+        if k <= 12:
+            for i in range(k):
+                for j in range(k):
+                    axes.text(j, i, "", ha="center", va="center", fontsize=8)
+        bar = figure.colorbar(image, ax=axes, label="correlation", fraction=0.05, pad=0.03)
+        bar.set_ticks([-1.0, -0.5, 0.0, 0.5, 1.0])  # not nine: each tick label is a text to lay out and draw
+        _title(axes, "")
+    else:
+        figure, axes = reuse, reuse.axes[0]
+        axes.images[0].set_data(values)
+    if k <= 12:  # the values written in the cells
+        for text, value in zip(axes.texts, values.reshape(-1).tolist(), strict=True):
+            text.set_text("—" if math.isnan(value) else f"{value:.2f}")
+    axes.title.set_text(f"correlation, collinearity {report.collinearity:.4g}")  # fits above 1 target
     return figure
 
 

@@ -344,12 +344,12 @@ class SensitivityMonitor(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._disarm()
-        self._figures.wait()  # before the loggers close their writers
+        self._figures.close()  # before the loggers close their writers
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._disarm()
         with contextlib.suppress(Exception):  # the run's own exception is the one to report
-            self._figures.wait()
+            self._figures.close()
 
     # ---- the hooks, per stage --------------------------------------------------------------------------------
 

@@ -122,11 +122,27 @@ def test_table_and_figures_in_tensorboard(tmp_path):
         assert images[tag][0].width > 100 and images[tag][0].height > 100
 
 
-def test_a_redrawn_profile_figure_is_the_figure_drawn_afresh():
+def report_of(abs_mean: list[float], std: list[float], corr: Tensor, collinearity: float, step: int):
+    """A report of targets ``A``, ``k``, ``b`` with these μ*, σ and correlation (the ranking follows μ*)."""
+    from lightning_sensitivity._report import Report
+
+    labels = ["A", "k", "b"]
+    order = sorted(range(3), key=lambda i: -abs_mean[i] if not math.isnan(abs_mean[i]) else math.inf)
+    stats = {
+        label: {"count": 10, "nonfinite": 0, "mean": 0.5, "std": std[i], "abs_mean": abs_mean[i],
+                "mean_square": 1.0, "min": -1.0, "max": 1.0, "rank": order.index(i) + 1}
+        for i, label in enumerate(labels)
+    }  # fmt: skip
+    return Report(step, labels, stats, corr, collinearity, [])
+
+
+def test_redrawn_figures_are_the_figures_drawn_afresh():
+    """Figures are built once and redrawn with each epoch's numbers: pixel for pixel what a new one shows,
+    though the ranking's order, its scale and the correlations all changed."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from lightning_sensitivity._figures import pixels, profile_figure
+    from lightning_sensitivity._figures import correlation, pixels, profile_figure, ranking
 
     g = torch.Generator().manual_seed(0)
     first, second = (
@@ -136,6 +152,52 @@ def test_a_redrawn_profile_figure_is_the_figure_drawn_afresh():
     redrawn = pixels(profile_figure(Figure, "k", second, reuse=profile_figure(Figure, "A", first)))
     assert (fresh == redrawn).all()
     assert not (fresh == pixels(profile_figure(Figure, "A", first))).all()
+
+    corr = torch.tensor([[1.0, 0.3, -0.9], [0.3, 1.0, float("nan")], [-0.9, float("nan"), 1.0]], dtype=torch.float64)
+    before = report_of([30.0, 10.0, 2.0], [1.0, 5.0, 1.0], torch.eye(3, dtype=torch.float64), 1.0, step=5)
+    after = report_of([0.01, 4.0, float("nan")], [0.02, 0.9, float("nan")], corr, 12.5, step=10)
+    for draw in (ranking, correlation):
+        fresh = pixels(draw(Figure, after))
+        assert (pixels(draw(Figure, after, reuse=draw(Figure, before))) == fresh).all(), draw.__name__
+        assert not (fresh == pixels(draw(Figure, before))).all(), draw.__name__
+
+
+def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
+    """Across epochs of ``fit`` the kept figures are redrawn: the last images in TensorBoard are the figures of
+    the last report, drawn afresh."""
+    pytest.importorskip("matplotlib")
+    import io
+
+    import numpy as np
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from lightning_sensitivity._figures import correlation, pixels, profile_figure, ranking
+
+    class Fitted(Decay):
+        def training_step(self, batch, batch_idx):
+            return (self(batch[0]) - 1.0).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    monitor = SensitivityMonitor(targets=["A", "k", "b"], profiles=True)
+    data = DataLoader(TensorDataset(inputs()), batch_size=8)
+    trainer = make_trainer(tmp_path, monitor, max_epochs=3, log_every_n_steps=1)
+    trainer.fit(Fitted(), data, data)
+    _, images = read_text_and_images(trainer.logger.log_dir)
+    report = monitor._reports["validate"]
+    expected = {
+        "sensitivity/ranking": ranking(Figure, report),
+        "sensitivity/correlation": correlation(Figure, report),
+        "sensitivity/profile/k": profile_figure(Figure, "k", report.profiles[0]["k"]),
+    }
+    for tag, figure in expected.items():
+        assert [event.step for event in images[tag]] == [3, 6, 9], tag
+        last = np.asarray(Image.open(io.BytesIO(images[tag][-1].encoded_image_string)).convert("RGB"))
+        assert (last == pixels(figure)).all(), tag
+        first = np.asarray(Image.open(io.BytesIO(images[tag][0].encoded_image_string)).convert("RGB"))
+        assert first.shape != last.shape or not (first == last).all(), tag  # the numbers did change
 
 
 def test_without_matplotlib_one_warning_and_the_rest_is_written(tmp_path, monkeypatch):
