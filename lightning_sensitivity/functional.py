@@ -433,21 +433,23 @@ def _choose(
     target and a few samples, then extrapolate. Both probes must agree where they overlap, or forward mode (the
     one that detects lost derivatives) is kept."""
     k = min(len(resolved), 8)
-    try:
+
+    def probe_forward() -> tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]:
         with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
-            (probe, _, output), forward_time = _timed(
-                lambda: forward(model, resolved[:k], tensors, None, plan.vectorise), model.device
-            )
+            return forward(model, resolved[:k], tensors, None, plan.vectorise)
+
+    probe: dict[str, Tensor] | None
+    try:
+        probe, _, output = probe_forward()  # the output's shape, and the warm-up of the timed run below
     except (NotImplementedError, RuntimeError) as error:
         if not _is_unsupported(error):
             raise
-        probe, forward_time = {}, math.inf  # an op without a forward formula (or vmap rule) in this model
+        probe = None  # an op without a forward formula (or vmap rule) in this model
         with torch.no_grad():
             output = model({})
     batch = output.shape[0]
-    forward_cost = forward_time * len(resolved) / k
     per_sample = max(1, output[0].numel()) if batch else 1
-    if len(resolved) <= per_sample and forward_time < math.inf:
+    if probe is not None and len(resolved) <= per_sample:
         # A backward pass costs at least a tangent pass: O of them per sample cannot beat K <= O tangent passes,
         # and the probe itself (O backward passes vectorised over samples) can take far more memory.
         _LOG.debug(
@@ -457,6 +459,8 @@ def _choose(
             tuple(output.shape),
         )
         return "forward"
+    forward_time = _timed(probe_forward, model.device, warm_up=False)[1] if probe is not None else math.inf
+    forward_cost = forward_time * len(resolved) / k
     try:
         # One sample first: a bound on the cost of every sample (vectorising only makes it cheaper); a closer
         # estimate from 64 samples only where the bound does not already rule reverse mode out, so that the
@@ -486,7 +490,7 @@ def _choose(
         _LOG.debug("%s: forward mode (per-sample reverse mode refused: %s)", model.name, _culprit(error))
         return "forward"
     reverse_cost = reverse_time * batch / samples
-    if probe:
+    if probe is not None:
         agree = all(_close(reversed_[t.label], probe[t.label][:samples]) for t in resolved[:k])
     else:  # no forward-mode probe to compare with: batched reverse mode on the first samples
         agree = _per_sample_agrees(model, resolved, tensors)

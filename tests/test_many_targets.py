@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_sensitivity import SensitivityMonitor, per_sample_sensitivities
+from lightning_sensitivity._modes import forward as forward_mode
 from lightning_sensitivity.functional import _PLANS
 
 GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
@@ -84,6 +85,20 @@ def test_auto_keeps_forward_mode_for_few_targets_and_a_long_output(caplog):
     with caplog.at_level(logging.DEBUG, logger="lightning_sensitivity"):
         per_sample_sensitivities(model, targets, (x,))
     assert choice_of(caplog) == "forward"
+
+
+def test_few_targets_are_not_timed(monkeypatch):
+    """With no more targets than output elements per sample, forward mode is kept from the output's shape: one
+    probe, the call itself, nothing timed and no reverse pass."""
+    import lightning_sensitivity.functional as functional
+
+    calls = []
+    monkeypatch.setattr(functional, "forward", lambda *a, **k: calls.append("forward") or forward_mode(*a, **k))
+    monkeypatch.setattr(functional, "_timed", lambda *a, **k: pytest.fail("timed a probe"))
+    monkeypatch.setattr(functional, "per_sample_reverse", lambda *a, **k: pytest.fail("ran reverse mode"))
+    model = Wide(4).eval()
+    sens = per_sample_sensitivities(model, ["net.2.weight[0, 1]", "net.0.bias[2]"], (torch.randn(8, 16),))
+    assert calls == ["forward", "forward"] and sens["net.0.bias[2]"].shape == (8, 4)
 
 
 def test_the_choice_is_measured_once_per_input_structure_and_can_be_overruled(caplog):
