@@ -162,15 +162,21 @@ def test_redrawn_figures_are_the_figures_drawn_afresh():
         assert not (fresh == pixels(draw(Figure, before))).all(), draw.__name__
 
 
+def decoded(image_event):
+    """The RGB pixels of an image read back from TensorBoard."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(image_event.encoded_image_string)).convert("RGB"))
+
+
 def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
     """Across epochs of ``fit`` the kept figures are redrawn: the last images in TensorBoard are the figures of
     the last report, drawn afresh."""
     pytest.importorskip("matplotlib")
-    import io
-
-    import numpy as np
     from matplotlib.figure import Figure
-    from PIL import Image
 
     from lightning_sensitivity._figures import correlation, pixels, profile_figure, ranking
 
@@ -194,9 +200,8 @@ def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
     }
     for tag, figure in expected.items():
         assert [event.step for event in images[tag]] == [3, 6, 9], tag
-        last = np.asarray(Image.open(io.BytesIO(images[tag][-1].encoded_image_string)).convert("RGB"))
+        last, first = decoded(images[tag][-1]), decoded(images[tag][0])
         assert (last == pixels(figure)).all(), tag
-        first = np.asarray(Image.open(io.BytesIO(images[tag][0].encoded_image_string)).convert("RGB"))
         assert first.shape != last.shape or not (first == last).all(), tag  # the numbers did change
 
 
@@ -338,6 +343,15 @@ def test_profiles_per_dataloader_with_different_shapes(tmp_path):
     exact = Decay().analytic(x)["A"]
     torch.testing.assert_close(monitor.profiles()["A"]["mean"], exact.mean(0), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(monitor.profiles(1)["A"]["mean"], exact[:10, :2].mean(0), rtol=1e-6, atol=1e-9)
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from lightning_sensitivity._figures import pixels, profile_figure
+
+    _, images = read_text_and_images(trainer.logger.log_dir)
+    for tag, idx in (("sensitivity/profile/A", 0), ("sensitivity/profile/A/dataloader_1", 1)):
+        (image,) = images[tag]
+        assert (decoded(image) == pixels(profile_figure(Figure, "A", monitor.profiles(idx)["A"]))).all(), tag
 
 
 def test_profile_size_bound_is_checked_before_the_first_training_step(tmp_path):
