@@ -1,9 +1,9 @@
 """Figures of an epoch's :class:`~lightning_sensitivity._report.Report`, drawn with matplotlib in one
 background thread so that validation and training go on meanwhile.
 
-A figure is built once and redrawn with each epoch's numbers (and, for profiles, each target's): building one,
-with its axes, ticks and colour bar, costs about as much as drawing it. A redrawn figure is pixel for pixel
-the figure built afresh (tested).
+A figure is built once and redrawn with each epoch's numbers (and, for profiles, each target's): its axes,
+ticks and colour bar are made once, and a later epoch's figures cost about a third less (``python
+benchmarks/figures.py``). A redrawn figure is pixel for pixel the figure built afresh (tested).
 
 matplotlib is optional (``pip install "lightning-sensitivity[plots]"``) and imported only here, only in the
 drawing thread. Figures are ``matplotlib.figure.Figure`` objects (no pyplot, no GUI backend).
