@@ -64,8 +64,15 @@ def _plain_context(device: torch.device) -> bool:
         return not (torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
 
 
+def taken_over(module: nn.Module) -> bool:
+    """Whether ``forward`` is set on the instance (by another monitor's :class:`FusedForward`, or by anything
+    else): then it is left alone, and this monitor computes after the step."""
+    return "forward" in module.__dict__
+
+
 class FusedForward:
-    """Takes over ``module.forward`` until it is called with ``model_input`` alone (or :meth:`disarm`).
+    """Takes over ``module.forward`` until it is called with ``model_input`` alone (or :meth:`disarm`); only
+    where it is not :func:`taken_over` already, so that giving it back is deleting the instance attribute.
 
     Attributes:
         result: the engine's sensitivities, once the step's call gave them.
@@ -78,8 +85,8 @@ class FusedForward:
         self.compute = compute
         self.result: dict[str, Tensor] | None = None
         self.failed: BaseException | None = None
-        self._had_own = "forward" in module.__dict__
-        self._own = module.__dict__.get("forward")
+        if taken_over(module):
+            raise RuntimeError(f"{type(module).__name__}.forward is taken over already")
         self._original = module.forward
         self._wrapper = self._forward  # one bound method: what is set is what `disarm` looks for
         module.__dict__["forward"] = self._wrapper  # found before the class's forward
@@ -90,11 +97,7 @@ class FusedForward:
 
     def disarm(self) -> None:
         """Give the module its own ``forward`` back (a no-op once done)."""
-        if not self.armed:
-            return
-        if self._had_own:
-            self.module.__dict__["forward"] = self._own
-        else:
+        if self.armed:
             del self.module.__dict__["forward"]
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
-from lightning_sensitivity._fused import FusedForward, model_input
+from lightning_sensitivity._fused import FusedForward, model_input, taken_over
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
 from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
@@ -451,15 +451,14 @@ class SensitivityMonitor(Callback):
         run = self._runs[stage]
         if self._fuse_failed or self._pending or run.dry_run or not self._wanted(run, dataloader_idx):
             return
-        if several_processes(trainer) and not self._decided:
+        distributed = several_processes(trainer)
+        if distributed and not self._decided:
             return
         module = trainer.lightning_module
         x = model_input(batch)
-        if x is None or callable(getattr(module, "sensitivity_step", None)):
+        if x is None or callable(getattr(module, "sensitivity_step", None)) or taken_over(module):
             return
-        if "forward" in module.__dict__:  # taken over already (by another monitor): this one runs after the step
-            return
-        if several_processes(trainer) and choice_pending(module, self._resolved, (x,), method=self.method):
+        if distributed and choice_pending(module, self._resolved, (x,), method=self.method):
             return
         self._verified_before_fused = self._verified
         self._fused = FusedForward(module, x, functools.partial(self._compute, stage, trainer))
