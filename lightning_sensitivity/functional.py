@@ -9,16 +9,13 @@ Forward mode pushes one tangent per target through the module: dual numbers for 
 ``torch.func.vmap`` over ``torch.func.jvp`` with one-hot tangents for several, ``chunk_size`` at a time, for
 about ``1 + K`` forward passes in all. Where an op has no forward-mode formula, ``method="auto"`` falls back
 to reverse mode, batched over chunks of output elements. This file decides which way to go and remembers it
-per module; ``_modes.py`` holds the ways.
+per module; ``_modes.py`` and ``_per_sample.py`` hold the ways, and ``_choice.py`` measures which is cheaper
+for many targets.
 """
 
 from __future__ import annotations
 
-import linecache
 import logging
-import math
-import os
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,12 +24,12 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-import lightning_sensitivity
+from lightning_sensitivity._choice import choose, per_sample_agrees, signature
 from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
 from lightning_sensitivity._modes import Model, RandomState, Result, forward, reverse
 from lightning_sensitivity._per_sample import NotPerSample, per_sample_reverse
+from lightning_sensitivity._refusals import culprit, is_unsupported
 from lightning_sensitivity._sharded import (
     SensitivityShardingError,
     ShardedFiniteDifferences,
@@ -53,23 +50,7 @@ METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
 Normalize = Literal["none", "parameter", "relative"]
 NORMALIZATIONS: tuple[str, ...] = ("none", "parameter", "relative")
 
-# Messages of errors that mean "this op or function has no forward-mode (or vmap) rule".
-_UNSUPPORTED_MARKERS = (
-    "forward ad",
-    "forward-mode",
-    "forward mode",
-    "setup_context",
-    "jvp",
-    "batching rule",
-    "vmap",
-    "functorch",
-)
-
-
 _LOG = logging.getLogger("lightning_sensitivity")
-
-#: Code of these packages is never "the line of the model that called the op" in messages.
-_LIBRARY_ROOTS = tuple(os.path.dirname(p.__file__ or "") + os.sep for p in (torch, lightning_sensitivity))
 
 
 @dataclass
@@ -289,7 +270,7 @@ def choice_pending(
         return True
     if not _chooses(plan, method, resolved):
         return False
-    return _signature(Model(module, args, kwargs or {}, function), resolved) not in plan.choices
+    return signature(Model(module, args, kwargs or {}, function), resolved) not in plan.choices
 
 
 def _chooses(plan: _Plan, method: Method, resolved: Sequence[ResolvedTarget]) -> bool:
@@ -319,13 +300,13 @@ def _differentiate_sharded(
             sens, missing, output = sharded.forward(chunk_size, plan.vectorise)
             break
         except (NotImplementedError, RuntimeError) as error:
-            if not _is_unsupported(error) or isinstance(error, SensitivityShardingError):
+            if not is_unsupported(error) or isinstance(error, SensitivityShardingError):
                 raise
             if plan.vectorise and len(sharded.resolved) > 1:
                 plan.vectorise = False
                 continue
             raise RuntimeError(
-                f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}. Reverse "
+                f"{api}: forward-mode AD is not available for an op in {model.name}: {culprit(error)}. Reverse "
                 "mode, the usual fallback, is not available for a model sharded with FSDP."
             ) from error
     todo = [t for t in missing if t.label not in plan.independent]
@@ -370,9 +351,9 @@ def _differentiate(
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
     if _chooses(plan, method, resolved):
-        key = _signature(model, resolved)
+        key = signature(model, resolved)
         if key not in plan.choices:
-            choice = _choose(model, plan, resolved, tensors, chunk_size)
+            choice = choose(model, plan, resolved, tensors)
             plan.choices[key] = choice if agree is None else agree(choice)
             rng.restore()
         if plan.choices[key] == "per-sample reverse":
@@ -397,9 +378,9 @@ def _differentiate(
             )
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
-            key = _signature(model, resolved)
+            key = signature(model, resolved)
             check = key not in plan.per_sample_checked and plan.choices.get(key) != "per-sample reverse"
-            if check and not _per_sample_agrees(model, resolved, tensors):
+            if check and not per_sample_agrees(model, resolved, tensors):
                 raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
             rng.restore()
             sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
@@ -407,151 +388,13 @@ def _differentiate(
             return sens, output
         except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
             plan.per_sample = False
-            _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, _culprit(error))
+            _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, culprit(error))
     rng.restore()
     sens, missing, output = reverse(model, resolved, tensors, chunk_size)
     lost = _lost(model, plan, tensors, missing, sens)
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
     return sens, output
-
-
-def _signature(model: Model, resolved: Sequence[ResolvedTarget]) -> tuple[Any, ...]:
-    """What the choice of mode is kept for: the function, the targets and the inputs' structure (dimensions and
-    dtypes, not sizes: batches of varying sequence length share one choice, measured once, so that every process
-    of a distributed run measures at the same batch)."""
-    leaves, _ = tree_flatten((model.args, model.kwargs))
-    shapes = tuple((x.dim(), x.dtype) if isinstance(x, Tensor) else type(x) for x in leaves)
-    return model.name, tuple(t.label for t in resolved), shapes
-
-
-def _choose(
-    model: Model, plan: _Plan, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor], chunk_size: int | None
-) -> str:
-    """Forward mode costs about one tangent pass per target, per-sample reverse mode about one backward pass per
-    output element of a sample: time forward mode on a few targets and every sample, and reverse mode on every
-    target and a few samples, then extrapolate. Both probes must agree where they overlap, or forward mode (the
-    one that detects lost derivatives) is kept."""
-    k = min(len(resolved), 8)
-
-    def probe_forward() -> tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]:
-        with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
-            return forward(model, resolved[:k], tensors, None, plan.vectorise)
-
-    probe: dict[str, Tensor] | None
-    try:
-        probe, _, output = probe_forward()  # the output's shape, and the warm-up of the timed run below
-    except (NotImplementedError, RuntimeError) as error:
-        if not _is_unsupported(error):
-            raise
-        probe = None  # an op without a forward formula (or vmap rule) in this model
-        with torch.no_grad():
-            output = model({})
-    batch = output.shape[0]
-    per_sample = max(1, output[0].numel()) if batch else 1
-    if probe is not None and len(resolved) <= per_sample:
-        # A backward pass costs at least a tangent pass: O of them per sample cannot beat K <= O tangent passes,
-        # and the probe itself (O backward passes vectorised over samples) can take far more memory.
-        _LOG.debug(
-            "%s: forward mode for %d targets and output %s (no more targets than output elements per sample)",
-            model.name,
-            len(resolved),
-            tuple(output.shape),
-        )
-        return "forward"
-    forward_time = _timed(probe_forward, model.device, warm_up=False)[1] if probe is not None else math.inf
-    forward_cost = forward_time * len(resolved) / k
-    try:
-        # One sample first: a bound on the cost of every sample (vectorising only makes it cheaper); a closer
-        # estimate from 64 samples only where the bound does not already rule reverse mode out, so that the
-        # probes cost at most about one forward-mode pass.
-        _, one_time = _timed(
-            lambda: per_sample_reverse(_first_samples(model, batch, 1), resolved, tensors, None), model.device
-        )
-        if one_time * batch > 8 * forward_cost:
-            _LOG.debug(
-                "%s: forward mode for %d targets and output %s (estimated %.3g s forward, per-sample "
-                "reverse above %.3g s)",
-                model.name,
-                len(resolved),
-                tuple(output.shape),
-                forward_cost,
-                one_time * batch,
-            )
-            return "forward"
-        samples = min(batch, 64)
-        (reversed_, _, _), reverse_time = _timed(
-            lambda: per_sample_reverse(_first_samples(model, batch, samples), resolved, tensors, None),
-            model.device,
-            warm_up=False,
-        )
-    except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): forward mode
-        plan.per_sample = False
-        _LOG.debug("%s: forward mode (per-sample reverse mode refused: %s)", model.name, _culprit(error))
-        return "forward"
-    reverse_cost = reverse_time * batch / samples
-    if probe is not None:
-        agree = all(_close(reversed_[t.label], probe[t.label][:samples]) for t in resolved[:k])
-    else:  # no forward-mode probe to compare with: batched reverse mode on the first samples
-        agree = _per_sample_agrees(model, resolved, tensors)
-    choice = "per-sample reverse" if agree and reverse_cost < forward_cost else "forward"
-    _LOG.debug(
-        "%s: %s for %d targets and output %s (estimated %.3g s forward, %.3g s per-sample reverse%s)",
-        model.name,
-        choice,
-        len(resolved),
-        tuple(output.shape),
-        forward_cost,
-        reverse_cost,
-        "" if agree else "; the two modes disagree on the probe",
-    )
-    return choice
-
-
-def _timed(fn: Callable[[], Result], device: torch.device, warm_up: bool = True) -> tuple[Result, float]:
-    """``fn()`` and the seconds it took (run twice with ``warm_up``: the first run is not timed)."""
-    if warm_up:
-        fn()
-    _synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    _synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    accelerator = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if accelerator is not None and hasattr(accelerator, "synchronize"):
-        accelerator.synchronize()
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    scale = float(b.abs().nan_to_num(0, 0, 0).amax()) if b.numel() else 1.0
-    return torch.allclose(a, b, rtol=1e-3, atol=1e-5 * scale, equal_nan=True)
-
-
-def _per_sample_agrees(model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> bool:
-    """Per-sample reverse mode against batched reverse mode on the first two samples: ``vmap`` over a backward
-    pass is only as right as the batching rules of the ops' backward formulas (``torch.cdist``'s is wrong)."""
-    with torch.no_grad():
-        batch = model({}).shape[0]
-    sub = _first_samples(model, batch, min(batch, 2))
-    per_sample, _, _ = per_sample_reverse(sub, resolved, tensors, None)
-    batched, _, _ = reverse(sub, resolved, tensors, None)
-    return all(_close(per_sample[t.label], batched[t.label]) for t in resolved)
-
-
-def _first_samples(model: Model, batch: int, samples: int) -> Model:
-    """``model`` on the first ``samples`` samples of its inputs (every tensor whose first dimension is ``batch``)."""
-
-    def cut(x: Any) -> Any:
-        return x[:samples] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else x
-
-    leaves, spec = tree_flatten((model.args, model.kwargs))
-    args, kwargs = tree_unflatten([cut(x) for x in leaves], spec)
-    sub = Model(model.module, args, kwargs, None, model.runner.api, running_stats=model.running_stats)
-    sub.runner, sub.name = model.runner, model.name  # the same function (sensitivity_step) and output checks
-    return sub
 
 
 def _forward(
@@ -570,7 +413,7 @@ def _forward(
             with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
                 return forward(model, resolved, tensors, chunk_size, plan.vectorise)
         except (NotImplementedError, RuntimeError) as error:
-            if not _is_unsupported(error):
+            if not is_unsupported(error):
                 raise
             if not plan.safe_kernels:
                 plan.safe_kernels = True  # fused kernels first: their composite versions have formulas
@@ -580,13 +423,13 @@ def _forward(
                 plan.vectorise = False
             elif method == "forward":
                 raise RuntimeError(
-                    f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}. "
+                    f"{api}: forward-mode AD is not available for an op in {model.name}: {culprit(error)}. "
                     "Use method='auto' to fall back to reverse mode, or method='reverse'."
                 ) from error
             else:
                 plan.reverse = True
                 warnings.warn(
-                    f"{api}: forward-mode AD is not available for an op in {model.name}: {_culprit(error)}; "
+                    f"{api}: forward-mode AD is not available for an op in {model.name}: {culprit(error)}; "
                     "falling back to batched reverse mode, which costs a backward pass per chunk of output "
                     "elements. Pass method='reverse' to skip the forward attempt.",
                     UserWarning,
@@ -630,35 +473,3 @@ def _lost_message(
         f"in {mode}; it would have been reported as zero. {_LIKELY_CAUSES} {hint}".rstrip()
         + " "
     )
-
-
-def _culprit(error: BaseException) -> str:
-    """The op that refused, as precisely as the error tells: torch's message, the custom ``autograd.Function``
-    it came from, and the line of the model's code that called it."""
-    text = str(error).strip().splitlines()
-    parts = [text[0] if text else type(error).__name__]
-    function, site = None, None
-    tb = error.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
-        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
-            function = cls
-        filename = frame.f_code.co_filename
-        if not any(filename.startswith(root) for root in _LIBRARY_ROOTS):
-            site = f"{filename}:{tb.tb_lineno}"
-            line = linecache.getline(filename, tb.tb_lineno).strip()
-            site = f"`{line}` ({site})" if line else site
-        tb = tb.tb_next
-    if function is not None:
-        parts.append(f"custom autograd.Function {function.__module__}.{function.__qualname__}")
-    if site is not None:
-        parts.append(f"called at {site}")
-    return "; ".join(parts)
-
-
-def _is_unsupported(error: BaseException) -> bool:
-    if isinstance(error, NotImplementedError):
-        return True
-    message = str(error).lower()
-    return any(marker in message for marker in _UNSUPPORTED_MARKERS)

@@ -90,12 +90,14 @@ def test_auto_keeps_forward_mode_for_few_targets_and_a_long_output(caplog):
 def test_few_targets_are_not_timed(monkeypatch):
     """With no more targets than output elements per sample, forward mode is kept from the output's shape: one
     probe, the call itself, nothing timed and no reverse pass."""
+    import lightning_sensitivity._choice as choice
     import lightning_sensitivity.functional as functional
 
     calls = []
-    monkeypatch.setattr(functional, "forward", lambda *a, **k: calls.append("forward") or forward_mode(*a, **k))
-    monkeypatch.setattr(functional, "_timed", lambda *a, **k: pytest.fail("timed a probe"))
-    monkeypatch.setattr(functional, "per_sample_reverse", lambda *a, **k: pytest.fail("ran reverse mode"))
+    for module in (functional, choice):  # the call, and the choice's probe
+        monkeypatch.setattr(module, "forward", lambda *a, **k: calls.append("forward") or forward_mode(*a, **k))
+        monkeypatch.setattr(module, "per_sample_reverse", lambda *a, **k: pytest.fail("ran reverse mode"))
+    monkeypatch.setattr(choice, "timed", lambda *a, **k: pytest.fail("timed a probe"))
     model = Wide(4).eval()
     sens = per_sample_sensitivities(model, ["net.2.weight[0, 1]", "net.0.bias[2]"], (torch.randn(8, 16),))
     assert calls == ["forward", "forward"] and sens["net.0.bias[2]"].shape == (8, 4)
