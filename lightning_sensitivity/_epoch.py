@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from lightning_sensitivity._aggregate import ProfileAggregator, SensitivityAggregator
 from lightning_sensitivity._report import Report, build_report
@@ -39,13 +40,16 @@ class EpochRun:
     active: bool = False
     dry_run: bool = False
     batches: dict[int, int] = field(default_factory=dict)
+    #: per padded dataloader: the sampler's samples that this rank's batches so far held
     samples: dict[int, int] = field(default_factory=dict)
-    originals: dict[int, int] = field(default_factory=dict)
+    padding: dict[int, Padding] = field(default_factory=dict)
+    #: why this rank could not leave the repeats out of a batch (raised on every rank at the epoch's end)
+    unknown_repeats: str | None = None
 
     def begin(self, trainer: Any, stage: str, drop_padded_duplicates: bool) -> None:
         """A new epoch of ``stage``: counters reset, and which samples of each dataloader are padding."""
-        self.batches, self.samples = {}, {}
-        self.originals = original_samples(trainer, stage) if drop_padded_duplicates else {}
+        self.batches, self.samples, self.unknown_repeats = {}, {}, None
+        self.padding = padded_dataloaders(trainer, stage) if drop_padded_duplicates else {}
 
     def start(self, trainer: Any, device: torch.device, num_targets: int, buckets_per_octave: int) -> None:
         """Make (once) and reset the aggregators on ``device``."""
@@ -68,13 +72,37 @@ class EpochRun:
         for profile in self.profiles.values():
             profile.update(torch.empty(num_targets, 0, *profile.shape, device=device))
 
-    def kept(self, dataloader_idx: int, batch_size: int) -> int:
-        """How many of this batch's samples count: under DDP the sampler's repeats at a rank's end do not."""
-        if dataloader_idx not in self.originals:
-            return batch_size
+    def kept(self, dataloader_idx: int, batch: Any, rows: int) -> int:
+        """How many of the ``rows`` differentiated for ``batch`` count: under DDP, none of the sampler's repeats
+        at a rank's end. Where a batch holds both samples and repeats, the rows must be its samples (one row per
+        sample, in order) to tell them apart; otherwise no row is kept and :meth:`finish` raises."""
+        padding = self.padding.get(dataloader_idx)
+        if padding is None:
+            return rows
         seen = self.samples.get(dataloader_idx, 0)
-        self.samples[dataloader_idx] = seen + batch_size
-        return max(0, min(batch_size, self.originals[dataloader_idx] - seen))
+        size = padding.batch_samples(batch, seen)
+        self.samples[dataloader_idx] = seen + (size or 0)
+        if size is None:
+            if seen < padding.originals:  # the repeats come last: until then, this batch may hold them
+                self.unknown_repeats = (
+                    f"dataloader {dataloader_idx}'s batches do not show how many samples each holds (no tensor in "
+                    "the batch, and not a plain BatchSampler), so the monitor cannot tell which of them are the "
+                    "sampler's repeats"
+                )
+            return 0
+        real = max(0, min(size, padding.originals - seen))
+        if real == size:
+            return rows
+        if real == 0 or rows == 0:
+            return 0
+        if rows == size:
+            return real
+        self.unknown_repeats = (
+            f"a batch of dataloader {dataloader_idx} holds {real} of this process's samples and {size - real} "
+            f"added by the DistributedSampler as padding (repeats of other samples), but {rows} rows were "
+            "differentiated for it, so the monitor cannot tell which rows are the repeats"
+        )
+        return 0
 
     def add(
         self,
@@ -122,6 +150,15 @@ class EpochRun:
         and copied to the host once."""
         assert self.aggregator is not None
         self.active = False
+        # the same dataloaders are padded on every process: all of them join this collective, or none
+        if self.padding and trainer.strategy.reduce_boolean_decision(self.unknown_repeats is not None, all=False):
+            why = self.unknown_repeats or "another process could not tell which samples are the sampler's repeats"
+            raise ValueError(
+                f"SensitivityMonitor(drop_padded_duplicates=True): {why}. "
+                "Return one row per sample from sensitivity_step (shape [samples, ...]: keep the sample dimension "
+                "first, not flattened, and keep every sample), make the data set's size a multiple of the number "
+                "of processes, or pass drop_padded_duplicates=False to count the repeats."
+            )
         if profile_limit is not None and several_processes(trainer):
             self._agree_on_profiles(trainer, profile_limit)
         state = {name: value.cpu() for name, value in self.aggregator.compute().items()}
@@ -159,11 +196,33 @@ def several_processes(trainer: Any) -> bool:
     return bool(trainer.world_size > 1)
 
 
-def original_samples(trainer: Any, stage: str) -> dict[int, int]:
-    """For each dataloader of ``stage`` whose ``DistributedSampler`` pads with repeats, how many of this rank's
-    samples come before the repeats. The sampler deals positions ``rank, rank + world, ...`` of a list made of
-    the data set's indices followed by repeats of its first ones, so the repeats are each rank's last samples.
-    """
+@dataclass(frozen=True)
+class Padding:
+    """A dataloader whose ``DistributedSampler`` pads with repeats: this rank gets ``total`` samples, of which the
+    first ``originals`` are its share of the data set; ``per_batch`` samples a batch (the last one fewer), or
+    ``None`` where only the batch itself tells."""
+
+    originals: int
+    total: int
+    per_batch: int | None
+
+    def batch_samples(self, batch: Any, seen: int) -> int | None:
+        """How many of the sampler's samples ``batch`` holds, after ``seen`` of them; ``None``: cannot tell."""
+        if self.per_batch is not None:
+            return max(0, min(self.per_batch, self.total - seen))
+        leaves, _ = tree_flatten(batch)
+        return next((leaf.shape[0] for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
+
+
+def padded_dataloaders(trainer: Any, stage: str) -> dict[int, Padding]:
+    """Each dataloader of ``stage`` whose ``DistributedSampler`` pads with repeats, by index. The sampler deals
+    positions ``rank, rank + world, ...`` of a list made of the data set's indices followed by repeats of its
+    first ones, so the repeats are each rank's last samples.
+
+    A batch is counted in samples of the sampler, not in rows of the output: a plain ``BatchSampler`` takes
+    ``batch_size`` of them a batch, a dataloader without automatic batching (``batch_size=None``) one (an item
+    that may itself be a batch), and any other batch sampler as many as the first dimension of the batch's
+    first tensor."""
     loaders = getattr(trainer, _LOADERS[stage], None)
     if loaders is None or trainer.world_size == 1:
         return {}
@@ -171,7 +230,7 @@ def original_samples(trainer: Any, stage: str) -> dict[int, int]:
         loaders = list(loaders.values())
     elif not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
-    originals = {}
+    padded = {}
     for idx, loader in enumerate(loaders):
         sampler = getattr(loader, "sampler", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
@@ -180,9 +239,16 @@ def original_samples(trainer: Any, stage: str) -> dict[int, int]:
         if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             continue
         size = len(sampler.dataset)  # type: ignore[arg-type]
-        if sampler.total_size > size:
-            originals[idx] = max(0, -(-(size - sampler.rank) // sampler.num_replicas))
-    return originals
+        if sampler.total_size <= size:
+            continue
+        per_batch: int | None = None
+        if batch_sampler is None:
+            per_batch = 1
+        elif type(batch_sampler) is BatchSampler:
+            per_batch = batch_sampler.batch_size
+        originals = max(0, -(-(size - sampler.rank) // sampler.num_replicas))
+        padded[idx] = Padding(originals, sampler.num_samples, per_batch)
+    return padded
 
 
 def reduce_values(sens: Tensor, reduction: str) -> Tensor:

@@ -103,8 +103,11 @@ class SensitivityMonitor(Callback):
         buckets_per_octave: histogram resolution: buckets per factor of two on each side of zero.
         drop_padded_duplicates: under DDP, a ``DistributedSampler`` (Lightning's default for validation) pads
             the data set to a multiple of the world size by repeating its first samples at the end of some
-            ranks; leave those repeats out so that every sample counts once. The samples of the model's output
-            must then follow the order of the dataloader, as they do for ``pl_module(batch[0])``.
+            ranks; leave those repeats out so that every sample counts once. Repeats are counted in samples of
+            the sampler (a dataset item of ``DataLoader(batch_size=None)`` is one, however many rows it holds).
+            Where a batch holds samples and repeats, the output must have one row per sample, in order, as
+            ``pl_module(batch[0])`` has; otherwise (a flattened output, a filter) the epoch ends with a
+            ``ValueError`` on every process that says what to do.
 
     Raises:
         ValueError: a bad argument, named in the message.
@@ -524,7 +527,7 @@ class SensitivityMonitor(Callback):
                 self._verified = self._verified_before_fused
             sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
         self._decided = True
-        keep = run.kept(dataloader_idx, next(iter(sens.values())).shape[0])
+        keep = run.kept(dataloader_idx, batch, next(iter(sens.values())).shape[0])
         columns = [sens[t.label][:keep] for t in self._resolved]  # possibly empty: every rank still makes a profile
         limit = self.max_profile_elements if self.profiles_enabled else None
         run.add(trainer, columns, self.reduction, dataloader_idx, limit)

@@ -13,19 +13,20 @@ from conftest import assert_histogram, expected_stats, read_events
 from ddp_script import data
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
+PADDING_SCRIPT = Path(__file__).with_name("ddp_padding_script.py")
 
 
 def run(out_dir: Path, devices: int, n_val: int, *extra: str) -> tuple[dict, dict]:
+    launch(SCRIPT, out_dir, str(devices), str(n_val), *extra)
+    return read_events(out_dir)  # the fit's events only: read_events does not descend into subdirectories
+
+
+def launch(script: Path, *args: object) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), str(devices), str(n_val), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return read_events(out_dir)  # the fit's events only: read_events does not descend into subdirectories
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,17 @@ def test_ddp_rank_without_samples_of_its_own_still_joins(runs):
     assert [e.step for e in events] == [2, 4]
     for event in events:
         assert_histogram(event, expected_stats(x[:, :1].expand(-1, 3)))
+
+
+def test_ddp_padding_is_found_in_samples_of_the_sampler_not_in_rows_of_the_output(tmp_path):
+    """5 items or samples on 2 processes: the sampler repeats one at the end of rank 1. Batches that are items of
+    several samples count them all; rows that are not the batch's samples (a flattened output, a filter) in a batch
+    that holds the repeat stop every process with the ways out; without padding such rows are fine."""
+    launch(PADDING_SCRIPT, tmp_path, 2)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"padding_rank{rank}.pt")
+        assert (results["batches"]["count"], results["batches"]["mean"]) == (15, pytest.approx(8.0))  # 1..15
+        assert (results["flat-even"]["count"], results["flat-even"]["mean"]) == (24, pytest.approx(11.5))  # 0..23
+        for case in ("flat", "filter"):
+            assert isinstance(results[case], str), (rank, case)
+            assert "tell which" in results[case] and "drop_padded_duplicates=False" in results[case], results[case]
