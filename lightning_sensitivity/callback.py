@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
@@ -557,7 +558,8 @@ class SensitivityMonitor(Callback):
         if callable(step):
             function = step
             args: tuple[Any, ...] = (batch, batch_idx)
-            if "dataloader_idx" in inspect.signature(step).parameters:
+            # as Lightning passes it to validation_step: a third parameter of any name, or *args
+            if is_param_in_hook_signature(step, "dataloader_idx", min_args=3):
                 args = (*args, dataloader_idx)
         elif isinstance(batch, Tensor):
             args = (batch,)

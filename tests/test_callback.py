@@ -375,10 +375,22 @@ class PerLoader(Physics):
         return self(batch[0])[:, 0] * (dataloader_idx + 1)
 
 
-def test_sensitivity_step_receives_dataloader_idx(tmp_path):
+class PerLoaderOtherName(Physics):
+    def sensitivity_step(self, batch, batch_idx, loader=0):
+        return self(batch[0])[:, 0] * (loader + 1)
+
+
+class PerLoaderArgs(Physics):
+    def sensitivity_step(self, batch, batch_idx, *args):
+        return self(batch[0])[:, 0] * (args[0] + 1)
+
+
+@pytest.mark.parametrize("module", [PerLoader, PerLoaderOtherName, PerLoaderArgs])
+def test_sensitivity_step_receives_dataloader_idx(tmp_path, module):
+    """As Lightning gives it to ``validation_step``: to a third parameter of any name, or to ``*args``."""
     a, b = physics_data(10, seed=15), physics_data(6, seed=16)
     t = trainer(tmp_path, SensitivityMonitor(targets=["C"]))
-    t.fit(PerLoader(), DataLoader(physics_data(8), batch_size=8), [DataLoader(a, batch_size=4), DataLoader(b)])
+    t.fit(module(), DataLoader(physics_data(8), batch_size=8), [DataLoader(a, batch_size=4), DataLoader(b)])
     expected = torch.cat([a.tensors[0][:, 0], 2 * b.tensors[0][:, 0]])  # d (y * (idx + 1)) / dC
     (event,) = read_events(t.logger.log_dir)[0]["sensitivity/C"]
     assert_histogram(event, expected_stats(expected))
