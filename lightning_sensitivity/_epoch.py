@@ -63,14 +63,14 @@ class EpochRun:
                 # run (a DDP fit in the same notebook) left behind.
                 distributed_available_fn=functools.partial(several_processes, trainer),
             )
-        for metric in (self.aggregator, *self.profiles.values()):
-            metric.to(device)
-            metric.reset()
-        # Mark the metrics updated on every rank, so that a rank without a single value of its own (all of its
+        self.aggregator.to(device)
+        self.aggregator.reset()
+        # Mark the metric updated on every rank, so that a rank without a single value of its own (all of its
         # samples repeats of the sampler's padding, say) still joins the collectives at epoch end.
         self.aggregator.update(torch.empty(num_targets, 0, device=device))
-        for profile in self.profiles.values():
-            profile.update(torch.empty(num_targets, 0, *profile.shape, device=device))
+        # Profiles are made at each dataloader's first batch: an epoch reports those of the dataloaders it ran
+        # (with reload_dataloaders_every_n_epochs, not those of an earlier epoch, which would read as NaN).
+        self.profiles = {}
 
     def kept(self, dataloader_idx: int, batch: Any, rows: int) -> int:
         """How many of the ``rows`` differentiated for ``batch`` count: under DDP, none of the sampler's repeats

@@ -4,6 +4,7 @@ TensorBoard."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import warnings
@@ -357,6 +358,36 @@ def test_profiles_per_dataloader_with_different_shapes(tmp_path):
     for tag, idx in (("sensitivity/profile/A", 0), ("sensitivity/profile/A/dataloader_1", 1)):
         (image,) = images[tag]
         assert (decoded(image) == pixels(profile_figure(Figure, "A", monitor.profiles(idx)["A"]))).all(), tag
+
+
+def test_profiles_are_those_of_the_dataloaders_the_epoch_ran(tmp_path):
+    """With ``reload_dataloaders_every_n_epochs``, an epoch without dataloader 1 has no profile of it (rather
+    than the earlier epoch's, emptied to NaN) and draws none."""
+    x = inputs()
+
+    class Fewer(Decay):
+        def training_step(self, batch, batch_idx):
+            return 0.0 * self(batch[0]).sum()
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(x), batch_size=8)
+
+        def val_dataloader(self):
+            loaders = [DataLoader(TensorDataset(x), batch_size=8), DataLoader(TensorDataset(2 * x[:10]), batch_size=8)]
+            return loaders if self.current_epoch == 0 else loaders[:1]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    monitor = SensitivityMonitor(targets=["A"], profiles=True)
+    trainer = make_trainer(tmp_path, monitor, max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    trainer.fit(Fewer())
+    with pytest.raises(KeyError, match=r"dataloaders \[0\]"):
+        monitor.profiles(1)
+    torch.testing.assert_close(monitor.profiles(0)["A"]["mean"], Decay().analytic(x)["A"].mean(0), rtol=1e-6, atol=1e-9)
+    if importlib.util.find_spec("matplotlib") is not None:
+        _, images = read_text_and_images(trainer.logger.log_dir)
+        assert len(images["sensitivity/profile/A"]) == 2 and len(images["sensitivity/profile/A/dataloader_1"]) == 1
 
 
 def test_profile_size_bound_is_checked_before_the_first_training_step(tmp_path):
