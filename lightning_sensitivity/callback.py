@@ -293,7 +293,8 @@ class SensitivityMonitor(Callback):
         if stage not in self._reports:
             raise RuntimeError(
                 f"{_API}.{api}(): no {'' if stage is None else repr(stage) + ' '}epoch has been logged yet; "
-                "call it after trainer.fit, validate, test or predict has run the monitor."
+                "call it after trainer.fit, validate, test or predict has run the monitor (in this process: "
+                "with ddp_spawn, ddp_fork or ddp_notebook it runs in processes of their own)."
             )
         return self._reports[stage]
 
@@ -301,6 +302,14 @@ class SensitivityMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(trainer)
+        if _starts_processes_from_this_one(trainer):
+            rank_zero_warn(
+                f"{_API}: this strategy starts its processes from the script's (ddp_spawn, ddp_fork, "
+                "ddp_notebook): the monitor runs in them, on copies of itself, and the monitor object in the "
+                "launching process is not updated. The logged scalars, histograms, tables and figures are "
+                "right, but summary(), correlation() and profiles() there give nothing from this run (or an "
+                "earlier run's numbers). Use strategy='ddp' to read them in the script."
+            )
         try:
             self._resolved, self._pending = resolve_targets(pl_module, self.targets, f"{_API}(targets=...)"), False
         except LazyTargetError:
@@ -673,6 +682,13 @@ def _check_strategy(trainer: Trainer) -> None:
                 "ModelParallelStrategy and torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, which "
                 "the monitor supports, or use strategy='ddp'."
             )
+
+
+def _starts_processes_from_this_one(trainer: Trainer) -> bool:
+    """Whether the Trainer runs in processes that its launcher starts from the script's process by
+    multiprocessing (spawn, fork), where the callbacks are copies."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
 
 
 def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None:

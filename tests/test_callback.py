@@ -406,3 +406,15 @@ def test_aggregator_in_float32_for_devices_without_float64():
     first, second = agg.histograms()
     assert (first.num, first.nonfinite, first.sum, first.sum_squares, first.min, first.max) == (4, 1, 1.5, 13.25, -2, 3)
     assert (second.num, second.sum, sum(second.bucket_counts)) == (5, 5.0, 5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook", "ddp"])
+def test_strategies_that_start_processes_from_this_one_warn_that_this_monitor_is_not_updated(strategy):
+    """With ``ddp_spawn`` (``ddp_fork``, ``ddp_notebook``) the monitor runs on copies of itself in other
+    processes: the object the script holds is never updated, so reading it is announced in ``setup``."""
+    t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SensitivityMonitor(targets="C", log_histograms=False).setup(t, Physics(), "fit")
+    spawned = [w for w in caught if "strategy='ddp'" in str(w.message)]
+    assert len(spawned) == (strategy != "ddp"), [str(w.message) for w in caught]
