@@ -99,11 +99,12 @@ class FiniteDifferences:
     copies of the inputs taken at construction (make it before the AD evaluation it is to check: the model
     may update its inputs in place)."""
 
-    def __init__(self, model: Model, tensors: dict[str, Tensor]) -> None:
+    def __init__(self, model: Model, tensors: dict[str, Tensor], rng: RandomState | None = None) -> None:
         self.model = model
         self.tensors = tensors
         self.args, self.kwargs = _cloned(model.args), _cloned(model.kwargs)
-        self.rng = RandomState(model.device)
+        #: the random state of every evaluation: ``rng`` (that of the AD evaluation to confirm), else the current
+        self.rng = RandomState(model.device) if rng is None else rng
         self._base: Tensor | None = None
 
     def evaluate(self, replaced: dict[str, Tensor]) -> Tensor:
@@ -173,6 +174,17 @@ class FiniteDifferences:
         central = (y_up - y_down) / (step_down + step_up)
         beyond = (central.abs() > _noise(dtype, y_down, y_up, step=step_down + step_up)) & torch.isfinite(central)
         return central if bool(beyond.any()) else None
+
+    def reaches(self, target: ResolvedTarget) -> bool:
+        """Whether the target's value reaches the output at all: with it made NaN, does any output element turn
+        NaN? NaN survives what finite differences cannot see through (a product with zero, ``.item()``), so a
+        target that it does not reach is independent of the output whatever the inputs."""
+        tensor = self.tensors[target.name].detach()
+        if not tensor.is_floating_point():
+            return True
+        poisoned = tensor.clone()
+        poisoned[target.index] = math.nan
+        return bool((self.evaluate({target.name: poisoned}).isnan() & ~self.base().isnan()).any())
 
 
 def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:

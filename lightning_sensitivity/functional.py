@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from lightning_sensitivity._choice import choose, per_sample_agrees, signature
 from lightning_sensitivity._kernels import forward_ad_kernels, has_rnn, running_statistics
@@ -67,8 +68,11 @@ class _Plan:
     per_sample: bool = True
     #: the mode measured cheaper per signature (targets, input shapes): "forward" or "per-sample reverse"
     choices: dict[tuple[Any, ...], str] = field(default_factory=dict)
-    #: signatures on which per-sample reverse mode was checked against the batched output and batched reverse mode
+    #: signatures and batch layouts on which per-sample reverse mode was checked against the batched output and
+    #: batched reverse mode
     per_sample_checked: set[tuple[Any, ...]] = field(default_factory=set)
+    #: per signature and mode, the targets that mode has given a nonzero derivative (its zeros are believed)
+    carried: dict[tuple[Any, ...], set[str]] = field(default_factory=dict)
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -350,20 +354,46 @@ def _differentiate(
     Returns the sensitivities and the output. Every attempt starts from the random state of the call, so the
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
+    key = signature(model, resolved)
+    checked = (key, _batch_layout(model))  # per-sample reverse mode is checked again for each of these
+
+    def lost_of(
+        sens: dict[str, Tensor], missing: list[ResolvedTarget], mode: str
+    ) -> list[tuple[ResolvedTarget, Tensor]]:
+        """The targets whose derivative AD lost, by finite differences: those that no tangent reached, and those
+        whose derivative is zero everywhere while ``mode`` has not yet given them a nonzero one on this signature
+        (with several targets at once, or in reverse mode, a lost derivative comes out as zeros that nothing
+        marks as missing). Once a mode has carried a target, its zeros are taken as they are."""
+        candidates = list(missing)
+        carried = plan.carried.setdefault((key, mode), set())
+        labels = {t.label for t in missing}
+        pending = [t for t in resolved if t.label not in carried | labels | plan.independent]
+        if pending and next(iter(sens.values())).numel() > 0:
+            moved = torch.stack([sens[t.label].ne(0).any() for t in pending]).tolist()  # one sync while any is open
+            carried.update(t.label for t, m in zip(pending, moved, strict=True) if m)
+            candidates += [t for t, m in zip(pending, moved, strict=True) if not m]
+        return _lost(model, plan, tensors, candidates, sens, rng)
+
     if _chooses(plan, method, resolved):
-        key = signature(model, resolved)
         if key not in plan.choices:
             choice = choose(model, plan, resolved, tensors)
             plan.choices[key] = choice if agree is None else agree(choice)
             rng.restore()
         if plan.choices[key] == "per-sample reverse":
-            sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=False)
-            return sens, output
+            try:
+                sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, checked)
+            except Exception as error:  # noqa: BLE001 - refused on these inputs (a new batch size, train mode)
+                _LOG.debug("%s: per-sample reverse mode refused (%s); forward mode", model.name, culprit(error))
+            else:
+                if not lost_of(sens, [], "per-sample reverse"):
+                    return sens, output
+            plan.choices[key] = "forward"  # forward mode may carry what per-sample reverse mode lost
+            rng.restore()
     if method != "reverse" and not plan.reverse:
         result = _forward(model, plan, resolved, tensors, method, chunk_size, api)
         if result is not None:
             sens, missing, output = result
-            lost = _lost(model, plan, tensors, missing, sens)
+            lost = lost_of(sens, missing, "forward")
             if not lost:
                 return sens, output
             if method == "forward":
@@ -378,23 +408,50 @@ def _differentiate(
             )
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
-            key = signature(model, resolved)
-            check = key not in plan.per_sample_checked and plan.choices.get(key) != "per-sample reverse"
-            if check and not per_sample_agrees(model, resolved, tensors):
-                raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
-            rng.restore()
-            sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
-            plan.per_sample_checked.add(key)  # auto's choice (plan.choices) is its own: method="reverse" leaves it
-            return sens, output
+            sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, checked)
         except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
             plan.per_sample = False
             _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, culprit(error))
+        else:
+            lost = lost_of(sens, [], "per-sample reverse")
+            if lost:
+                hint = "Use method='auto', which tries forward mode first."
+                raise SensitivityCheckError(_lost_message(api, model, lost, "reverse-mode AD", hint))
+            return sens, output
     rng.restore()
     sens, missing, output = reverse(model, resolved, tensors, chunk_size)
-    lost = _lost(model, plan, tensors, missing, sens)
+    lost = lost_of(sens, missing, "reverse")
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
     return sens, output
+
+
+def _per_sample(
+    model: Model,
+    plan: _Plan,
+    resolved: Sequence[ResolvedTarget],
+    tensors: dict[str, Tensor],
+    chunk_size: int | None,
+    checked: tuple[Any, ...],
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample reverse mode, checked against batched reverse mode and the batched output at the first call
+    of each batch layout (``checked``); raises where the model is not per-sample on these inputs."""
+    check = checked not in plan.per_sample_checked
+    rng = RandomState(model.device)
+    if check and not per_sample_agrees(model, resolved, tensors):
+        raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
+    rng.restore()
+    sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
+    plan.per_sample_checked.add(checked)
+    return sens, output
+
+
+def _batch_layout(model: Model) -> tuple[Any, ...]:
+    """What decides which inputs per-sample reverse mode takes for batched (their first dimensions) and whether
+    the model mixes samples (train or eval mode of every submodule)."""
+    leaves, _ = tree_flatten((model.args, model.kwargs))
+    sizes = tuple(x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None for x in leaves)
+    return sizes, tuple(m.training for m in model.module.modules())
 
 
 def _forward(
@@ -439,21 +496,29 @@ def _forward(
 
 
 def _lost(
-    model: Model, plan: _Plan, tensors: dict[str, Tensor], missing: list[ResolvedTarget], sens: dict[str, Tensor]
+    model: Model,
+    plan: _Plan,
+    tensors: dict[str, Tensor],
+    missing: list[ResolvedTarget],
+    sens: dict[str, Tensor],
+    rng: RandomState,
 ) -> list[tuple[ResolvedTarget, Tensor]]:
     """The ``missing`` targets (no derivative reached the output) that the output moves with nonetheless,
-    by central finite differences, with those differences; the others are remembered as independent."""
+    by central finite differences under the random state ``rng`` of the AD evaluation, with those differences.
+    Of the others, those whose value does not reach the
+    output at all (:meth:`FiniteDifferences.reaches`) are remembered as independent; the rest (the output is
+    flat along them here, as ``x * k.item()`` is at ``x = 0``) are checked again at the next call."""
     todo = [t for t in missing if t.label not in plan.independent]
-    if not todo:
+    if not todo or next(iter(sens.values())).numel() == 0:  # an empty output tells nothing
         return []
-    differences = FiniteDifferences(model, tensors)
+    differences = FiniteDifferences(model, tensors, rng)  # the random numbers (dropout masks) of the AD call
     lost = []
     for target in todo:
         moved = differences.depends(target, sens[target.label].dtype)
-        if moved is None:
-            plan.independent.add(target.label)
-        else:
+        if moved is not None:
             lost.append((target, moved))
+        elif not differences.reaches(target):  # independent whatever the inputs: never checked again
+            plan.independent.add(target.label)
     return lost
 
 
