@@ -201,7 +201,8 @@ def forward(
     made: list[Products] = []
 
     def products(duals: Iterable[Tensor], one_hot: list[OneHot]) -> Products | None:
-        if model.module in _BACKWARD_INSIDE:
+        # Products calls kernels directly, past autocast's casts: under autocast, torch's own formulas
+        if model.module in _BACKWARD_INSIDE or _autocast(model.device):
             return None
         made.append(Products(duals, one_hot))
         return made[-1]
@@ -218,7 +219,7 @@ def forward(
     def push(part: Sequence[ResolvedTarget]) -> tuple[Tensor, Tensor | None]:
         """``(output, columns [len(part), *output.shape])``: ``columns`` is ``None`` when no tangent reached the
         output."""
-        if len(part) == 1:
+        if len(part) == 1 and not _autocast(model.device):  # autocast casts a dual's primal, not its tangent
             output, column = _tangent_by_dual_numbers(model, tensors, part[0], products)
             return output, None if column is None else column.unsqueeze(0)
         try:
@@ -254,6 +255,14 @@ def forward(
         for target, column in zip(part, columns, strict=True):
             out[target.label] = column.detach()
     return out, missing, output.detach()
+
+
+def _autocast(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type."""
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def _tangent_by_dual_numbers(

@@ -754,3 +754,22 @@ def test_per_sample_reverse_mode_is_checked_again_for_each_batch_layout():
     model.train()
     sens = per_sample_sensitivities(model, targets, (x,), method="reverse")
     torch.testing.assert_close(sens[targets[0]], loop_reference(model, targets[:1], (x,))[targets[0]])
+
+
+@pytest.mark.parametrize("method", ["forward", "auto", "reverse"])
+def test_under_autocast_the_derivative_of_the_autocast_computation(method):
+    """Under ``torch.autocast`` (bf16 on CPU) the rerouted products and normalisations give way to torch's own
+    formulas, which autocast casts, and one target goes through ``jvp`` (autocast casts a dual number's primal
+    but not its tangent): the derivative of what the model computes under autocast, as the loop of
+    ``torch.autograd.grad`` under autocast gives it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    x = torch.randn(5, 4)
+    labels = ["0.weight[1, 2]", "2.weight[3]", "3.bias[1]"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = loop_reference(model, labels, (x,))
+        several = per_sample_sensitivities(model, labels, (x,), method=method)
+        one = per_sample_sensitivities(model, labels[0], (x,), method=method)
+    for label in labels:
+        torch.testing.assert_close(several[label].float(), expected[label].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(one[labels[0]].float(), expected[labels[0]].float(), rtol=2e-2, atol=2e-2)
