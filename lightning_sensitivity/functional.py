@@ -355,7 +355,6 @@ def _differentiate(
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
     key = signature(model, resolved)
-    checked = (key, _batch_layout(model))  # per-sample reverse mode is checked again for each of these
 
     def lost_of(
         sens: dict[str, Tensor], missing: list[ResolvedTarget], mode: str
@@ -381,7 +380,7 @@ def _differentiate(
             rng.restore()
         if plan.choices[key] == "per-sample reverse":
             try:
-                sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, checked)
+                sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key)
             except Exception as error:  # noqa: BLE001 - refused on these inputs (a new batch size, train mode)
                 _LOG.debug("%s: per-sample reverse mode refused (%s); forward mode", model.name, culprit(error))
             else:
@@ -408,7 +407,7 @@ def _differentiate(
             )
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
-            sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, checked)
+            sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key)
         except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
             plan.per_sample = False
             _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, culprit(error))
@@ -432,10 +431,11 @@ def _per_sample(
     resolved: Sequence[ResolvedTarget],
     tensors: dict[str, Tensor],
     chunk_size: int | None,
-    checked: tuple[Any, ...],
+    key: tuple[Any, ...],
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sample reverse mode, checked against batched reverse mode and the batched output at the first call
-    of each batch layout (``checked``); raises where the model is not per-sample on these inputs."""
+    of each signature ``key`` and batch layout; raises where the model is not per-sample on these inputs."""
+    checked = (key, _batch_layout(model))
     check = checked not in plan.per_sample_checked
     rng = RandomState(model.device)
     if check and not per_sample_agrees(model, resolved, tensors):
