@@ -361,16 +361,21 @@ def _differentiate(
     ) -> list[tuple[ResolvedTarget, Tensor]]:
         """The targets whose derivative AD lost, by finite differences: those that no tangent reached, and those
         whose derivative is zero everywhere while ``mode`` has not yet given them a nonzero one on this signature
-        (with several targets at once, or in reverse mode, a lost derivative comes out as zeros that nothing
-        marks as missing). Once a mode has carried a target, its zeros are taken as they are."""
+        and forward mode on the target alone does not carry a zero itself (with several targets at once, or in
+        reverse mode, a lost derivative comes out as zeros that nothing marks as missing). A zero that AD
+        carries (a dead ReLU unit, a kink, a rounding step) is taken as it is, once and for all."""
         candidates = list(missing)
         carried = plan.carried.setdefault((key, mode), set())
         labels = {t.label for t in missing}
         pending = [t for t in resolved if t.label not in carried | labels | plan.independent]
         if pending and next(iter(sens.values())).numel() > 0:
             moved = torch.stack([sens[t.label].ne(0).any() for t in pending]).tolist()  # one sync while any is open
-            carried.update(t.label for t, m in zip(pending, moved, strict=True) if m)
-            candidates += [t for t, m in zip(pending, moved, strict=True) if not m]
+            alone = mode == "forward" and (len(resolved) == 1 or not plan.vectorise or chunk_size == 1)
+            for target, nonzero in zip(pending, moved, strict=True):
+                if nonzero or alone or _carries_zero(model, plan, tensors, target, rng):
+                    carried.add(target.label)  # alone: dual numbers already told a missing tangent from a zero
+                else:
+                    candidates.append(target)
         return _lost(model, plan, tensors, candidates, sens, rng)
 
     if _chooses(plan, method, resolved):
@@ -444,6 +449,26 @@ def _per_sample(
     sens, _, output = per_sample_reverse(model, resolved, tensors, chunk_size, check=check)
     plan.per_sample_checked.add(checked)
     return sens, output
+
+
+def _carries_zero(
+    model: Model, plan: _Plan, tensors: dict[str, Tensor], target: ResolvedTarget, rng: RandomState
+) -> bool:
+    """Whether forward mode on ``target`` alone, under the call's random state, carries a tangent to the output
+    that is zero everywhere: an all-zero derivative that AD computed, not one it lost. ``True`` too where forward
+    mode cannot run the model (nothing to tell by); ``False`` where no tangent reaches the output or forward mode
+    finds a nonzero derivative (then finite differences decide)."""
+    after = RandomState(model.device)
+    rng.restore()
+    try:
+        with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
+            sens, missing, _ = forward(model, [target], tensors, None, True)
+    except Exception as error:  # noqa: BLE001 - an op without a forward formula: reverse mode's zero stands
+        _LOG.debug("%s: forward mode refused to confirm a zero derivative (%s)", model.name, culprit(error))
+        return True
+    finally:
+        after.restore()
+    return not missing and not bool(sens[target.label].ne(0).any())
 
 
 def _batch_layout(model: Model) -> tuple[Any, ...]:

@@ -773,3 +773,54 @@ def test_under_autocast_the_derivative_of_the_autocast_computation(method):
     for label in labels:
         torch.testing.assert_close(several[label].float(), expected[label].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(one[labels[0]].float(), expected[labels[0]].float(), rtol=2e-2, atol=2e-2)
+
+
+class Rounded(nn.Module):
+    """``y = round(c x) w``: dy/dc is 0 almost everywhere, and finite differences step across the jumps."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(3.3))
+        self.w = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return torch.round(x * self.c) * self.w
+
+
+class Policy(nn.Module):
+    """The log-probability of an action under ``Categorical(logits=mlp(obs))``, with hidden unit 0 dead on the
+    data; the distribution refuses NaN logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        with torch.no_grad():
+            self.net[0].bias[0] = -100.0
+
+    def forward(self, obs, act):
+        return torch.distributions.Categorical(logits=self.net(obs)).log_prob(act).unsqueeze(1)
+
+
+@pytest.mark.parametrize("method", ["forward", "auto", "reverse"])
+def test_zeros_that_ad_carries_are_taken_as_they_are(method):
+    """An all-zero derivative that forward mode on the target alone carries as a zero (a rounding step, a ReLU
+    kink, a dead unit) is no lost derivative: no finite differences, which would step across the jump or the
+    kink, and no NaN probe, which a model may refuse; it is not checked again at later calls."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 1) * 5
+    assert not quiet(Rounded(), ["c", "w"], (x,), method=method)["c"].any()
+    kinked = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    nn.init.zeros_(kinked[0].bias)  # with zero inputs every unit sits on its kink, where relu' is 0
+    assert not quiet(kinked, ["0.bias[0]", "2.bias[0]"], (torch.zeros(4, 3),), method=method)["0.bias[0]"].any()
+    policy, obs, act = Policy(), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    labels = ["net.0.weight[0, 0]", "net.0.weight[1, 0]"]
+    from lightning_sensitivity import _verify
+
+    calls = []
+    original = _verify.FiniteDifferences.evaluate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_verify.FiniteDifferences, "evaluate", lambda *a: calls.append(1) or original(*a))
+        for _ in range(3):
+            sens = quiet(policy, labels, (obs, act), method=method)
+    assert not sens[labels[0]].any() and calls == []
+    torch.testing.assert_close(sens[labels[1]], loop_reference(policy, labels[1:], (obs, act))[labels[1]])
