@@ -367,7 +367,8 @@ def _differentiate(
         candidates = list(missing)
         carried = plan.carried.setdefault((key, mode), set())
         labels = {t.label for t in missing}
-        pending = [t for t in resolved if t.label not in carried | labels | plan.independent]
+        known = carried | labels | plan.independent
+        pending = [t for t in resolved if t.label not in known]
         if pending and next(iter(sens.values())).numel() > 0:
             moved = torch.stack([sens[t.label].ne(0).any() for t in pending]).tolist()  # one sync while any is open
             alone = mode == "forward" and (len(resolved) == 1 or not plan.vectorise or chunk_size == 1)
@@ -385,7 +386,7 @@ def _differentiate(
             rng.restore()
         if plan.choices[key] == "per-sample reverse":
             try:
-                sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key)
+                sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key, rng)
             except Exception as error:  # noqa: BLE001 - refused on these inputs (a new batch size, train mode)
                 _LOG.debug("%s: per-sample reverse mode refused (%s); forward mode", model.name, culprit(error))
             else:
@@ -412,7 +413,7 @@ def _differentiate(
             )
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
-            sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key)
+            sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key, rng)
         except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): batched reverse
             plan.per_sample = False
             _LOG.debug("%s: per-sample reverse mode refused (%s); batched reverse mode", model.name, culprit(error))
@@ -437,12 +438,13 @@ def _per_sample(
     tensors: dict[str, Tensor],
     chunk_size: int | None,
     key: tuple[Any, ...],
+    rng: RandomState,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sample reverse mode, checked against batched reverse mode and the batched output at the first call
-    of each signature ``key`` and batch layout; raises where the model is not per-sample on these inputs."""
+    of each signature ``key`` and batch layout; raises where the model is not per-sample on these inputs. Called
+    in the call's random state ``rng``, which every evaluation starts from."""
     checked = (key, _batch_layout(model))
     check = checked not in plan.per_sample_checked
-    rng = RandomState(model.device)
     if check and not per_sample_agrees(model, resolved, tensors):
         raise NotPerSample("per-sample reverse mode disagrees with batched reverse mode on the first samples")
     rng.restore()
