@@ -12,9 +12,13 @@ step as before.
 The call is only taken over where it cannot change what the step sees beyond float rounding (ops that forward
 mode routes differently, such as eval-mode batch norm by elementary ops): the module wholly in eval mode (no
 dropout, no running statistics updated), grad off (the step does not need a graph from the output), no
-autocast (the monitor differentiates in the module's own precision), not sharded, not compiled. A failure of
-the engine inside the step gives the step the model's own output and leaves the batch to the monitor, which
-then reports the error where it always has.
+autocast (the monitor differentiates in the module's own precision), no hooks around the module's call (they
+would run twice), not sharded, not compiled. Where the engine evaluated the model more than once (the first
+batch's check against finite differences, probes, fallbacks, chunks of targets) or the evaluation updated a
+buffer (on the engine's private copy), the step gets the model's own call after all, so that what the model
+leaves behind (an attribute, a hook's record, a buffer) is that call's. A failure of the engine inside the step
+gives the step the model's own output and leaves the batch to the monitor, which then reports the error where
+it always has.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sensitivity._modes import recording
 from lightning_sensitivity._sharded import uses_fsdp
 
 #: ``(sensitivities by label, output)`` from the engine, for the model's input.
@@ -41,13 +46,26 @@ def model_input(batch: Any) -> Tensor | None:
 
 
 def can_fuse(module: nn.Module) -> bool:
-    """Whether the module's own forward call may be taken over: not compiled, not sharded, every module in eval
-    mode. Checked at the call, since the step may have switched a module's mode."""
+    """Whether the module's own forward call may be taken over: not compiled, not sharded, no hooks around its
+    call, every module in eval mode. Checked at the call, since the step may have switched a module's mode."""
     if getattr(module, "_compiled_call_impl", None) is not None:  # Module.compile(): dynamo would trace the engine
         return False
-    if uses_fsdp(module):
+    if uses_fsdp(module) or _hooked(module):
         return False
     return not any(m.training for m in module.modules())
+
+
+#: Hooks that run around a module's call: its own, and those registered for every module.
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(name.replace("_", "_global_", 1) for name in _HOOKS)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks run around the module's call: the step's call runs them around the taken-over forward, and
+    the engine's call of the module would run them a second time."""
+    return any(getattr(module, name, None) for name in _HOOKS) or any(
+        getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS
+    )
 
 
 def _plain_context(device: torch.device) -> bool:
@@ -107,9 +125,14 @@ class FusedForward:
             return self._original(*args, **kwargs)
         self.disarm()  # the engine (and anything the model calls) sees the model's own forward
         try:
-            sens, output = self.compute(args[0])
+            with recording(self.module) as evaluations:
+                sens, output = self.compute(args[0])
         except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
             self.failed = error
             return self._original(*args, **kwargs)
         self.result = sens
+        if evaluations.count != 1 or evaluations.buffers_changed:
+            # What the model leaves behind (an attribute, a hook's record, an updated buffer) is the last
+            # evaluation's, and buffers were the engine's copies: the step gets the model's own call, once.
+            return self._original(*args, **kwargs)
         return output

@@ -12,7 +12,9 @@ import contextlib
 import functools
 import itertools
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -34,6 +36,35 @@ _BACKWARD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: The sensitivities by label, the targets whose derivative never reached the output, and the output itself.
 Result = tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]
+
+
+@dataclass
+class Evaluations:
+    """What the engine's evaluations of ``module`` did while :func:`recording`.
+
+    Attributes:
+        count: how many times the engine evaluated it (probes, checks and fallbacks included).
+        buffers_changed: whether one of them updated or replaced a buffer, which it did on the engine's private
+            copy, so that the module did not keep it.
+    """
+
+    module: nn.Module
+    count: int = 0
+    buffers_changed: bool = False
+
+
+_RECORDING: ContextVar[Evaluations | None] = ContextVar("lightning_sensitivity_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording(module: nn.Module) -> Iterator[Evaluations]:
+    """Record the engine's evaluations of ``module`` in this context (see :class:`Evaluations`)."""
+    evaluations = Evaluations(module)
+    token = _RECORDING.set(evaluations)
+    try:
+        yield evaluations
+    finally:
+        _RECORDING.reset(token)
 
 
 class Model:
@@ -78,19 +109,21 @@ class Model:
         """The output with ``tensors`` (name -> tensor) in place of the module's own; with ``then``,
         ``then(output)``, evaluated while they are still in place (a backward pass that re-runs the module,
         as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``)."""
-        swapped = {
-            _Runner.PREFIX + name: tensor
-            for name, tensor in {**_private_buffers(self.module, tensors), **tensors}.items()
-        }
+        private = _private_buffers(self.module, tensors)
+        swapped = {_Runner.PREFIX + name: tensor for name, tensor in {**private, **tensors}.items()}
         args = self.args if args is None else args
         kwargs = self.kwargs if kwargs is None else kwargs
         batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
+        record = _RECORDING.get()
+        if record is not None and record.module is self.module:
+            record.count += 1
+            self.runner.watch = (record, {name: (tensor, tensor._version) for name, tensor in private.items()})
         self.runner.then = then
         try:
             with eager(), batch_norm, products or contextlib.nullcontext():
                 return functional_call(self.runner, swapped, args, kwargs)
         finally:
-            self.runner.then = None
+            self.runner.then = self.runner.watch = None
 
 
 class _Runner(nn.Module):
@@ -105,11 +138,19 @@ class _Runner(nn.Module):
         self.function = function
         self.api = api
         self.then: Callable[[Tensor], Any] | None = None
+        #: where to note whether the evaluation changed one of the private buffers (by name: tensor, version)
+        self.watch: tuple[Evaluations, dict[str, tuple[Tensor, int]]] | None = None
         owner = type(module).__name__
         self.name = owner if function is None else f"{owner}.{getattr(function, '__name__', 'function')}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs) if self.function is None else self.function(*args, **kwargs)
+        if self.watch is not None:  # while the private buffers are in place: replaced ones are seen too
+            record, before = self.watch
+            now = dict(self.inner.named_buffers())
+            record.buffers_changed |= any(
+                now.get(name) is not tensor or tensor._version != version for name, (tensor, version) in before.items()
+            )
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"{self.api}: {self.name} returned {type(out).__name__}, but sensitivities need one tensor whose "

@@ -68,6 +68,8 @@ def build_report(
     for i, label in enumerate(labels):
         entry: dict[str, float] = {name: float(rows[name][i]) for name in rows}
         entry["count"], entry["nonfinite"], entry["rank"] = int(rows["count"][i]), int(rows["nonfinite"][i]), rank[i]
+        if entry["count"] == 0:  # no finite value: the running min and max are still at +inf and -inf
+            entry["min"] = entry["max"] = math.nan
         stats[label] = entry
     products = state["products"].reshape(k, k).to(torch.float64)
     corr = correlation(products, state["product_sum"].reshape(k).to(torch.float64), state["product_count"])

@@ -208,6 +208,7 @@ class SensitivityMonitor(Callback):
         self._fused: FusedForward | None = None
         self._verified_before_fused = False
         self._warned_constant: set[str] = set()
+        self._warned_rows = False
         self.epochs_logged = 0
         """Validation epochs whose statistics were logged, across resumes from checkpoints."""
 
@@ -521,6 +522,7 @@ class SensitivityMonitor(Callback):
             run.dry_run = False
             sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
             self._decided = True
+            self._check_rows(trainer, batch, sens)
             if self.profiles_enabled:
                 check_profile_size(len(self._resolved), next(iter(sens.values())).shape[1:], self.max_profile_elements)
             return
@@ -537,6 +539,7 @@ class SensitivityMonitor(Callback):
                 self._verified = self._verified_before_fused
             sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
         self._decided = True
+        self._check_rows(trainer, batch, sens)
         keep = run.kept(dataloader_idx, batch, next(iter(sens.values())).shape[0])
         columns = [sens[t.label][:keep] for t in self._resolved]  # possibly empty: every rank still makes a profile
         limit = self.max_profile_elements if self.profiles_enabled else None
@@ -586,6 +589,24 @@ class SensitivityMonitor(Callback):
             module, self._resolved, args, function=function, **self._options(stage, trainer)
         )
         return sens
+
+    def _check_rows(self, trainer: Trainer, batch: Any, sens: dict[str, Tensor]) -> None:
+        """Warn once where the default call ``pl_module(batch[0])`` gave an output whose rows are not the input's
+        samples: most likely a ``forward`` that expects the whole batch and indexed into ``batch[0]`` instead."""
+        module = trainer.lightning_module
+        x = model_input(batch)
+        if self._warned_rows or x is None or x.dim() == 0 or callable(getattr(module, "sensitivity_step", None)):
+            return
+        rows = next(iter(sens.values())).shape[0]
+        if rows != x.shape[0]:
+            self._warned_rows = True
+            name = type(module).__name__
+            rank_zero_warn(
+                f"{_API}: {name}(batch[0]) returned {rows} rows for an input of {x.shape[0]} samples, and the monitor "
+                f"counts each row of the output as a sample. If {name}.forward expects the whole batch, or the "
+                f"samples are not the first dimension, define `sensitivity_step(self, batch, batch_idx)` on {name} "
+                "to return the output to differentiate, shaped [samples, ...]."
+            )
 
     def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:
         """The verdict of the finite-difference check on this process's first batch; every process learns

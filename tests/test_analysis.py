@@ -318,6 +318,16 @@ def test_nan_samples_are_left_out_of_every_statistic_and_counted(tmp_path):
     assert scalars["sensitivity/collinearity"][0].value == pytest.approx(collinearity_reference(clean), rel=1e-4)
 
 
+def test_a_target_without_a_finite_value_has_nan_statistics(tmp_path):
+    monitor = SensitivityMonitor(targets=["A", "k"], normalize="relative", log_figures=False)
+    run(tmp_path, monitor, torch.zeros_like(inputs()))  # y = 0 everywhere: no relative sensitivity is finite
+    summary = monitor.summary()
+    for stats in summary.values():
+        assert (stats["count"], stats["nonfinite"]) == (0, 20 * T)
+        assert all(math.isnan(stats[name]) for name in ("mean", "std", "abs_mean", "mean_square", "min", "max"))
+    assert sorted(stats["rank"] for stats in summary.values()) == [1, 2]
+
+
 def test_collinear_targets_are_flagged(tmp_path):
     """A and b enter only as (A exp(-k t) + b) x: at k = 0 they cannot be told apart."""
     monitor = SensitivityMonitor(targets=["A", "b"])

@@ -101,6 +101,39 @@ class NoStepDict(Physics):
         pass
 
 
+class ForwardTakesTheBatch(L.LightningModule):
+    """``forward`` picks the input from the whole batch itself, so the monitor's default call
+    ``pl_module(batch[0])`` runs it on the first sample: 3 rows (its output elements) for a batch of 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.C = nn.Parameter(torch.tensor(-5.0))
+        self.net = nn.Linear(2, 3)
+
+    def forward(self, batch):
+        return self.C * self.net(batch[0])
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_out", self(batch).sum())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_an_output_whose_rows_are_not_the_inputs_samples_is_warned_about_once(tmp_path):
+    model = ForwardTakesTheBatch()
+    monitor = SensitivityMonitor(targets=["C"], log_figures=False)
+    t = trainer(tmp_path, monitor, limit_train_batches=1, max_epochs=2, num_sanity_val_steps=0)
+    loader = DataLoader(physics_data(8), batch_size=4)
+    with pytest.warns(UserWarning, match=r"returned 3 rows for an input of 4 samples") as record:
+        t.fit(model, loader, loader)
+    assert len([w for w in record if "rows for an input" in str(w.message)]) == 1
+    assert monitor.summary()["C"]["count"] == 6  # what was asked for: warned, not changed
+
+
 @pytest.mark.parametrize(
     ("model_cls", "data", "error", "fragment"),
     [

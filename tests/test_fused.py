@@ -3,6 +3,8 @@ same output for the step, and no take-over where it could change what the step s
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -119,8 +121,9 @@ def test_the_steps_forward_gives_the_same_numbers_with_one_pass_less(tmp_path, m
     models = {fuse: model_type() for fuse in (True, False)}
     runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
     assert_same_run(runs[True], runs[False])
-    # five batches, each differentiated in the step's own call (the first one verified there too)
-    assert models[False].forwards - models[True].forwards == 5
+    # five batches, each differentiated in the step's own call; the first one is also checked against finite
+    # differences there, so the step gets the model's own call after all (what the model leaves behind is its)
+    assert models[False].forwards - models[True].forwards == 4
 
 
 @pytest.mark.parametrize(
@@ -226,7 +229,7 @@ def test_two_monitors_one_takes_the_step_over_the_other_runs_after_it(tmp_path, 
             trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)
         results[fuse] = [m.summary() for m in monitors], model.forwards
     assert results[True][0] == results[False][0]
-    assert results[False][1] - results[True][1] == 5
+    assert results[False][1] - results[True][1] == 4  # the first batch's check: the model's own call after all
 
 
 class WrongDerivative(Counted):
@@ -253,3 +256,69 @@ def test_the_check_inside_the_steps_call_still_stops_or_warns(tmp_path, verify):
         assert len([w for w in record if "disagree" in str(w.message)]) == 1
         assert monitor.summary()["C"]["count"] == 120
     assert "forward" not in model.__dict__
+
+
+class ForwardHooked(Counted):
+    """A forward hook scales the module's output: it must run once around the step's call, as without the
+    monitor (the engine's call of the module would run it again inside a taken-over call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_hook(lambda module, args, output: 10.0 * output)
+
+
+class Calibrating(Counted):
+    """Updates buffers in eval mode, as an observer calibrating quantisation does (one in place, one replaced),
+    and keeps an intermediate that the step reads right after its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen_max", torch.tensor(-math.inf))
+        self.hidden_seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.seen_max = torch.maximum(self.seen_max, x.abs().max())
+        self.hidden = self.net[0](x)  # depends on a target: moved by the finite differences of the first batch
+        return super().forward(x)
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.hidden_seen.append(self.hidden.clone())
+
+
+def validate_without_monitor(model: L.LightningModule) -> dict[str, float]:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)[0]
+
+
+@pytest.mark.parametrize("model_type", [ForwardHooked, Calibrating])
+def test_the_step_sees_what_it_sees_without_the_monitor(tmp_path, monkeypatch, model_type):
+    plain = model_type()
+    metrics = validate_without_monitor(plain)
+    models = {fuse: model_type() for fuse in (True, False)}
+    runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
+    assert_same_run(runs[True], runs[False])
+    assert runs[True].metrics["val_loss"] == metrics["val_loss"]  # type: ignore[attr-defined]
+    if model_type is Calibrating:
+        for model in models.values():
+            assert int(model.calls) == 5 and torch.equal(model.seen_max, plain.seen_max)
+            assert all(torch.equal(a, b) for a, b in zip(model.hidden_seen, plain.hidden_seen, strict=True))
+
+
+def test_no_take_over_under_a_hook_for_every_module(tmp_path, monkeypatch):
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__)
+    )
+    try:
+        models = {fuse: Counted() for fuse in (True, False)}
+        for fuse, model in models.items():
+            calls.clear()
+            validate(tmp_path, model, fuse, monkeypatch)
+            models[fuse].calls = list(calls)  # type: ignore[assignment]
+    finally:
+        handle.remove()
+    assert models[True].forwards == models[False].forwards
+    assert models[True].calls == models[False].calls  # type: ignore[attr-defined]
