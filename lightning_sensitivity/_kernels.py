@@ -3,6 +3,7 @@
 - :func:`forward_ad_kernels` steers ops away from fused kernels that have no forward-mode formula (oneDNN
   and cuDNN RNN kernels, the attention fast paths, fused SDPA kernels), restoring every flag after.
 - :func:`eager` runs ``torch.compile``'d code eagerly: a compiled region can drop a tangent without a word.
+- :func:`uncached` computes parametrized tensors afresh inside ``torch.nn.utils.parametrize.cached()``.
 - :class:`BatchNormByOps` computes an evaluation-mode batch norm by elementary ops, so that its running
   statistics carry a derivative (torch's own formulas treat them as constants).
 """
@@ -18,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
 from lightning_sensitivity._targets import ResolvedTarget
@@ -88,42 +89,76 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     return cast("contextlib.AbstractContextManager[Any]", set_stance("force_eager"))
 
 
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Compute parametrized tensors (``torch.nn.utils.parametrize``) afresh while active, also where the caller
+    is inside ``parametrize.cached()``: a cached weight was computed before the engine gave the originals a
+    tangent or a step, so it would carry neither (the derivative would come out as zero). The cache itself is
+    left as it is."""
+    from torch.nn.utils import parametrize
+
+    depth = getattr(parametrize, "_cache_enabled", 0)
+    if not depth:
+        yield
+        return
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = depth
+
+
 def running_statistics(module: nn.Module, resolved: Sequence[ResolvedTarget], api: str) -> bool:
-    """Whether a target is a running statistic of a batch-norm layer; a ``ValueError`` if that layer is in
-    training mode, where it normalises with the batch's statistics and its output does not depend on them."""
+    """Whether a target is a buffer, such as a normalisation layer's running statistic, which torch's batch and
+    instance norm kernels take as a constant (see :class:`BatchNormByOps`); a ``ValueError`` for a running
+    statistic of a normalisation layer in training mode, whose output does not depend on it."""
     found = False
     for target in resolved:
         owner_name, _, attr = target.name.rpartition(".")
-        if attr not in _RUNNING_STATS:
-            continue
         owner = module.get_submodule(owner_name)
-        if not isinstance(owner, _BatchNorm):
+        if attr not in dict(owner.named_buffers(recurse=False)):
             continue
-        if owner.training:
-            raise ValueError(
-                f"{api}: target {target.label!r} is a running statistic of {type(owner).__name__} "
-                f"{owner_name!r}, which is in training mode: it normalises with each batch's own statistics, so "
-                "the output does not depend on its running statistics. Call .eval() on the model (Lightning's "
-                "validation does) to differentiate through the running statistics."
-            )
         found = True
+        if isinstance(owner, _NormBase) and attr in _RUNNING_STATS and owner.training:
+            where = f"{type(owner).__name__} {owner_name!r}" if owner_name else type(owner).__name__
+            raise ValueError(
+                f"{api}: target {target.label!r} is a running statistic of {where}, which is in training mode: it "
+                "normalises with the statistics of its input, so the output does not depend on its running "
+                "statistics. Call .eval() on the model (Lightning's validation does) to differentiate through the "
+                "running statistics."
+            )
     return found
 
 
 class BatchNormByOps(TorchFunctionMode):
-    """While active, ``F.batch_norm`` in evaluation mode is computed as
-    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` by elementary ops, so forward and reverse
-    mode both differentiate it with respect to the running statistics. Other calls pass through unchanged.
+    """While active, ``F.batch_norm`` in evaluation mode, and ``F.instance_norm`` with running statistics, are
+    computed as ``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` by elementary ops, so forward
+    and reverse mode both differentiate them with respect to the running statistics. Other calls pass through
+    unchanged.
     """
+
+    _PARAMETERS = {
+        F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        F.instance_norm: (
+            "input",
+            "running_mean",
+            "running_var",
+            "weight",
+            "bias",
+            "use_input_stats",
+            "momentum",
+            "eps",
+        ),
+    }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func is not F.batch_norm:
+        names = self._PARAMETERS.get(func)
+        if names is None:
             return func(*args, **kwargs)
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
         params = dict(zip(names, args, strict=False)) | kwargs
         mean, var = params.get("running_mean"), params.get("running_var")
-        if params.get("training", False) or mean is None or var is None:
+        if params.get(names[5], func is F.instance_norm) or mean is None or var is None:
             return func(*args, **kwargs)
         x: Tensor = params["input"]
         shape = (1, -1) + (1,) * (x.dim() - 2)  # broadcast over channels, dimension 1

@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels
+from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels, uncached
 from lightning_sensitivity._products import OneHot, Products
 from lightning_sensitivity._targets import ResolvedTarget
 
@@ -73,7 +73,8 @@ class Model:
 
     Every evaluation runs on private copies of the module's buffers (an in-place update, such as BatchNorm's
     running statistics in training mode, leaves the module as it was), runs ``torch.compile``'d code eagerly,
-    and, with ``running_stats``, computes evaluation-mode batch norm by elementary ops.
+    computes parametrized tensors afresh (not from ``parametrize.cached()``'s cache), and, with
+    ``running_stats``, computes evaluation-mode batch norm by elementary ops.
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class Model:
             self.runner.watch = (record, {name: (tensor, tensor._version) for name, tensor in private.items()})
         self.runner.then = then
         try:
-            with eager(), batch_norm, products or contextlib.nullcontext():
+            with eager(), uncached(), batch_norm, products or contextlib.nullcontext():
                 return functional_call(self.runner, swapped, args, kwargs)
         finally:
             self.runner.then = self.runner.watch = None
@@ -398,10 +399,16 @@ def reverse(
 def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:
     """Vector-Jacobian products for every row of ``cotangents`` ``[C, N]`` -> grads ``[C, *input.shape]``."""
     try:
-        return list(
-            torch.autograd.grad(output, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        grads = torch.autograd.grad(
+            output, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
+        return [None if g is None else _dense(g) for g in grads]
     except RuntimeError:
         # A backward formula without a batching rule: one backward pass per row, the slow but sure way.
         rows = [torch.autograd.grad(output, inputs, row, retain_graph=True, allow_unused=True) for row in cotangents]
-        return [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+        return [None if rows[0][i] is None else torch.stack([_dense(r[i]) for r in rows]) for i in range(len(inputs))]
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """A gradient as a strided tensor (``nn.Embedding(sparse=True)`` gives sparse ones)."""
+    return grad if grad.layout == torch.strided else grad.to_dense()

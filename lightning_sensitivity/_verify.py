@@ -190,6 +190,25 @@ class FiniteDifferences:
             return True
         return bool((output.isnan() & ~self.base().isnan()).any())
 
+    def reaches_past_the_module(self, target: ResolvedTarget) -> bool:
+        """Whether the target's value reaches the output when made NaN in the module's own tensor, in place (and
+        put back bit for bit), where :meth:`reaches` found that it does not when the module's attribute is
+        swapped: then the model reads it through another reference (a ``functools.partial`` or a list holding the
+        parameter, a view taken at construction), which no swapped-in tangent reaches either."""
+        tensor = self.tensors[target.name]
+        if not tensor.is_floating_point():
+            return False
+        with torch.no_grad():
+            kept = tensor[target.index].clone()
+            tensor[target.index] = math.nan
+            try:
+                output = self.evaluate({})
+            except Exception:  # noqa: BLE001 - refusing the NaN is reaching it
+                return True
+            finally:
+                tensor[target.index] = kept
+        return bool((output.isnan() & ~self.base().isnan()).any())
+
 
 def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:
     """Per element, the rounding noise of a difference quotient of outputs of ``dtype`` over ``step``."""

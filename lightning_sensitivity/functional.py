@@ -355,6 +355,7 @@ def _differentiate(
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
     key = signature(model, resolved)
+    unfaithful = _reverse_unfaithful(model.module, resolved, tensors)
 
     def lost_of(
         sens: dict[str, Tensor], missing: list[ResolvedTarget], mode: str
@@ -379,7 +380,7 @@ def _differentiate(
                     candidates.append(target)
         return _lost(model, plan, tensors, candidates, sens, rng)
 
-    if _chooses(plan, method, resolved):
+    if unfaithful is None and _chooses(plan, method, resolved):
         if key not in plan.choices:
             choice = choose(model, plan, resolved, tensors)
             plan.choices[key] = choice if agree is None else agree(choice)
@@ -411,6 +412,14 @@ def _differentiate(
                 UserWarning,
                 stacklevel=4,
             )
+    if unfaithful is not None:
+        hint = (
+            "Use method='auto' or 'forward'."
+            if method == "reverse"
+            else "Forward mode, which would be exact, cannot run this model (see the warning above); set "
+            "scale_grad_by_freq=False on that module while measuring (it changes only training's gradients)."
+        )
+        raise ValueError(f"{model.runner.api}: {unfaithful} {hint}")
     if method == "reverse" and plan.per_sample:
         try:  # separable models: one backward pass per output element of a sample, vectorised over samples
             sens, output = _per_sample(model, plan, resolved, tensors, chunk_size, key, rng)
@@ -429,6 +438,29 @@ def _differentiate(
     if lost:
         raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
     return sens, output
+
+
+def _reverse_unfaithful(
+    module: nn.Module, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]
+) -> str | None:
+    """Why reverse mode would not give ``dy/dθ`` for these targets, or ``None``: the weight of an embedding
+    with ``scale_grad_by_freq``, whose backward divides each row's gradient by how often its index occurs in the
+    batch (by design, for training; forward mode has the true derivative)."""
+    scaled = [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq
+    ]
+    for target in resolved:
+        for name, embedding in scaled:
+            if embedding.weight is tensors[target.name]:
+                where = f"{type(embedding).__name__} {name!r}" if name else type(embedding).__name__
+                return (
+                    f"target {target.label!r} is in the weight of {where}, made with "
+                    "scale_grad_by_freq=True: its backward divides each row's gradient by how often the row's index "
+                    "occurs in the batch, so reverse mode would give that, not dy/dθ."
+                )
+    return None
 
 
 def _per_sample(
@@ -545,6 +577,14 @@ def _lost(
         if moved is not None:
             lost.append((target, moved))
         elif not differences.reaches(target):  # independent whatever the inputs: never checked again
+            if differences.reaches_past_the_module(target):
+                raise SensitivityCheckError(
+                    f"{model.runner.api}: the output of {model.name} depends on {target.label!r} through a reference "
+                    "of its own (a functools.partial or a list holding the parameter, a view taken in __init__), not "
+                    f"through the module's attribute {target.name!r}: the engine gives the derivative to the "
+                    "attribute, so it would have been reported as zero. Read the tensor from the module inside "
+                    "forward (for example F.linear(x, self.layer.weight))."
+                )
             plan.independent.add(target.label)
     return lost
 

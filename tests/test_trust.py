@@ -506,7 +506,7 @@ def test_batchnorm_running_statistics_match_the_analytic_derivative():
 
 def test_batchnorm_running_statistics_in_training_mode_are_refused():
     model = _normalised().train()
-    with pytest.raises(ValueError, match="'bn.running_mean\\[1\\]'.*training mode.*batch's own statistics"):
+    with pytest.raises(ValueError, match="'bn.running_mean\\[1\\]'.*training mode.*statistics of its input"):
         per_sample_sensitivities(model, "bn.running_mean[1]", (torch.randn(4, 3, dtype=torch.float64),))
 
 
@@ -824,3 +824,169 @@ def test_zeros_that_ad_carries_are_taken_as_they_are(method):
             sens = quiet(policy, labels, (obs, act), method=method)
     assert not sens[labels[0]].any() and calls == []
     torch.testing.assert_close(sens[labels[1]], loop_reference(policy, labels[1:], (obs, act))[labels[1]])
+
+
+# ---- found by a third probe: references past the module, caches, gradients that are not derivatives --------------
+
+
+class ThroughAReference(nn.Module):
+    """Reads its weight through references of its own, made in ``__init__``: what the engine swaps (the module's
+    attribute) never reaches the output, so AD, finite differences and the NaN probe through the attribute all
+    see a constant."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        if holder == "partial":
+            import functools
+
+            self.project = functools.partial(nn.functional.linear, weight=self.lin.weight)
+        else:
+            weights = [self.lin.weight]
+            self.project = lambda x: x @ weights[0].T
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(x)
+
+
+@pytest.mark.parametrize("holder", ["partial", "list"])
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_a_parameter_read_through_a_reference_of_its_own_is_an_error_not_a_zero(holder, method):
+    model, x = ThroughAReference(holder), torch.randn(5, 3)
+    before = model.lin.weight.detach().clone()
+    with pytest.raises(SensitivityCheckError, match="'lin.weight\\[1, 2\\]' through a reference of its own"):
+        per_sample_sensitivities(model, "lin.weight[1, 2]", (x,), method=method)
+    assert torch.equal(model.lin.weight, before)  # the probe put the value back, bit for bit
+
+
+class Symmetric(nn.Module):
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.triu() + weight.triu(1).T
+
+
+def _parametrized(kind: str) -> tuple[nn.Module, str]:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    if kind == "custom":
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        parametrize.register_parametrization(model[0], "weight", Symmetric())
+        return model, "0.parametrizations.weight.original[0, 2]"
+    return nn.Sequential(
+        weight_norm(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2)
+    ), "0.parametrizations.weight.original1[0, 2]"
+
+
+@pytest.mark.parametrize("kind", ["custom", "weight_norm"])
+@pytest.mark.parametrize("method", ["auto", "reverse"])
+def test_parametrized_weights_inside_parametrize_cached(kind, method):
+    from torch.nn.utils import parametrize
+
+    model, label = _parametrized(kind)
+    x = torch.randn(5, 4)
+    expected = loop_reference(model, [label], (x,))[label]
+    with warnings.catch_warnings(), parametrize.cached():
+        warnings.simplefilter("ignore", UserWarning)  # weight_norm has no forward-mode formula: reverse mode
+        model(x)  # the model's own call fills the cache first, as it would in a validation step
+        sens = per_sample_sensitivities(model, label, (x,), method=method, verify=True)
+        assert parametrize._cache  # the caller's cache is left as it was
+    torch.testing.assert_close(sens[label], expected)
+
+
+class Bag(nn.Module):
+    def __init__(self, bag: bool, **kwargs) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        self.emb = (nn.EmbeddingBag if bag else nn.Embedding)(6, 3, **kwargs)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.emb(idx) if self.bag else self.emb(idx).sum(1)
+
+
+def test_an_embedding_with_scale_grad_by_freq_is_never_differentiated_in_reverse_mode():
+    """Its backward divides a row's gradient by how often the index occurs: not dy/dθ."""
+    idx = torch.tensor([[2, 2, 1], [2, 0, 0], [3, 4, 5], [2, 2, 2]])
+    expected = (idx == 2).sum(1, keepdim=True).float() * torch.tensor([[0.0, 1.0, 0.0]])  # d sum_j w[idx_j] / d w[2, 1]
+    model = Bag(bag=False, scale_grad_by_freq=True)
+    torch.testing.assert_close(
+        per_sample_sensitivities(model, "emb.weight[2, 1]", (idx,))["emb.weight[2, 1]"], expected
+    )
+    with pytest.raises(ValueError, match="scale_grad_by_freq=True.*method='auto' or 'forward'"):
+        per_sample_sensitivities(model, "emb.weight[2, 1]", (idx,), method="reverse")
+    bag = Bag(bag=True, scale_grad_by_freq=True)
+    with (
+        pytest.raises(ValueError, match="EmbeddingBag 'emb', made with scale_grad_by_freq=True"),
+        pytest.warns(UserWarning, match="forward-mode AD is not available"),  # embedding_bag has no formula
+    ):
+        per_sample_sensitivities(bag, "emb.weight[2, 1]", (idx,))
+
+
+@pytest.mark.parametrize(("bag", "method"), [(False, "reverse"), (True, "auto")])
+def test_sparse_embedding_gradients_in_reverse_mode(bag, method):
+    idx = torch.tensor([[2, 2, 1], [2, 0, 0], [3, 4, 5], [2, 2, 2]])
+    model = Bag(bag=bag, sparse=True)
+    labels = ["emb.weight[2, 1]", "emb.weight[0, 0]"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sens = per_sample_sensitivities(model, labels, (idx,), method=method)
+    dense = Bag(bag=bag)
+    dense.load_state_dict(model.state_dict())
+    expected = loop_reference(dense, labels, (idx,))
+    for label in labels:
+        torch.testing.assert_close(sens[label], expected[label])
+
+
+class PackedGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)
+        return h[0]
+
+
+@pytest.mark.parametrize("method", ["auto", "forward"])
+def test_a_packed_sequence_through_an_rnn_with_several_targets(method):
+    """vmap cannot run the RNN kernel on a packed sequence: one tangent at a time instead."""
+    model, x, lengths = PackedGRU(), torch.randn(5, 6, 3), torch.tensor([6, 2, 4, 1, 5])
+    labels = ["gru.weight_ih_l0[0, 1]", "gru.weight_hh_l0[3, 2]", "gru.bias_hh_l0[5]"]
+    sens = per_sample_sensitivities(model, labels, (x, lengths), method=method)
+    expected = loop_reference(model, labels, (x, lengths))
+    for label in labels:
+        torch.testing.assert_close(sens[label], expected[label])
+
+
+class OwnBatchNorm(nn.Module):
+    """Normalises with buffers of its own through ``F.batch_norm``, as some custom layers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.tensor([0.1, 0.2, 0.3]))
+        self.register_buffer("var", torch.tensor([1.0, 2.0, 0.5]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.batch_norm(x, self.mu, self.var, training=False)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_running_statistics_of_instance_norm_and_of_a_custom_batch_norm(method):
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm1d(3, track_running_stats=True)
+    norm(torch.randn(4, 3, 7) * 2 + 1)  # running statistics away from 0 and 1
+    norm.eval()
+    x = torch.randn(4, 3, 7)
+    expected = torch.zeros_like(x)
+    expected[:, 1] = -1 / torch.sqrt(norm.running_var[1] + norm.eps)  # d (x - m) / sqrt(v + eps) / d m
+    sens = per_sample_sensitivities(norm, "running_mean[1]", (x,), method=method, verify=True)
+    torch.testing.assert_close(sens["running_mean[1]"], expected)
+    own, x = OwnBatchNorm(), torch.randn(4, 3)
+    expected = torch.zeros_like(x)
+    expected[:, 1] = -1 / torch.sqrt(torch.tensor(2.0 + 1e-5))
+    torch.testing.assert_close(per_sample_sensitivities(own, "mu[1]", (x,), method=method)["mu[1]"], expected)
+    with pytest.raises(ValueError, match="InstanceNorm1d, which is in training mode"):
+        per_sample_sensitivities(norm.train(), "running_mean[1]", (x[:, :, None],), method=method)
