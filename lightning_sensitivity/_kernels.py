@@ -158,6 +158,8 @@ class BatchNormByOps(TorchFunctionMode):
             return func(*args, **kwargs)
         params = dict(zip(names, args, strict=False)) | kwargs
         mean, var = params.get("running_mean"), params.get("running_var")
+        # the batch's (or sample's) own statistics: F.batch_norm's `training` is False by default, F.instance_norm's
+        # `use_input_stats` True
         if params.get(names[5], func is F.instance_norm) or mean is None or var is None:
             return func(*args, **kwargs)
         x: Tensor = params["input"]

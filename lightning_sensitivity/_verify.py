@@ -196,7 +196,7 @@ class FiniteDifferences:
         swapped: then the model reads it through another reference (a ``functools.partial`` or a list holding the
         parameter, a view taken at construction), which no swapped-in tangent reaches either."""
         tensor = self.tensors[target.name]
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.is_inference():  # an inference tensor is read-only here
             return False
         with torch.no_grad():
             kept = tensor[target.index].clone()
