@@ -31,7 +31,7 @@ def signature(model: Model, resolved: Sequence[ResolvedTarget]) -> tuple[Any, ..
     """What the choice of mode is kept for: the function, the targets and the inputs' structure (dimensions and
     dtypes, not sizes: batches of varying sequence length share one choice, measured once, so that every process
     of a distributed run measures at the same batch)."""
-    leaves, _ = tree_flatten((model.args, model.kwargs))
+    leaves, _ = tree_flatten(model.inputs)
     shapes = tuple((x.dim(), x.dtype) if isinstance(x, Tensor) else type(x) for x in leaves)
     return model.name, tuple(t.label for t in resolved), shapes
 
@@ -156,7 +156,7 @@ def first_samples(model: Model, batch: int, samples: int) -> Model:
     def cut(x: Any) -> Any:
         return x[:samples] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else x
 
-    leaves, spec = tree_flatten((model.args, model.kwargs))
+    leaves, spec = tree_flatten(model.inputs)  # views: the model made here copies them where it must
     args, kwargs = tree_unflatten([cut(x) for x in leaves], spec)
     sub = Model(model.module, args, kwargs, None, model.runner.api, running_stats=model.running_stats)
     sub.runner, sub.name = model.runner, model.name  # the same function (sensitivity_step) and output checks

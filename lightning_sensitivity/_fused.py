@@ -15,8 +15,9 @@ dropout, no running statistics updated), grad off (the step does not need a grap
 autocast (the monitor differentiates in the module's own precision), no hooks around the module's call (they
 would run twice), not sharded, not compiled. Where the engine evaluated the model more than once (the first
 batch's check against finite differences, probes, fallbacks, chunks of targets) or the evaluation updated a
-buffer (on the engine's private copy), the step gets the model's own call after all, so that what the model
-leaves behind (an attribute, a hook's record, a buffer) is that call's. A failure of the engine inside the step
+buffer or the input in place (the engine works on copies of both), the step gets the model's own call after
+all, from the random state it would have started from, so that what the model leaves behind (an attribute, a
+buffer, the input, the random stream) is that call's. A failure of the engine inside the step
 gives the step the model's own output and leaves the batch to the monitor, which then reports the error where
 it always has.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sensitivity._modes import recording
+from lightning_sensitivity._modes import RandomState, recording
 from lightning_sensitivity._sharded import uses_fsdp
 
 #: ``(sensitivities by label, output)`` from the engine, for the model's input.
@@ -124,15 +125,19 @@ class FusedForward:
         if not can_fuse(self.module):  # checked at the call: the step may have changed a module's mode
             return self._original(*args, **kwargs)
         self.disarm()  # the engine (and anything the model calls) sees the model's own forward
+        start = RandomState(args[0].device)  # where the step's own call would draw its random numbers from
         try:
             with recording(self.module) as evaluations:
                 sens, output = self.compute(args[0])
         except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
             self.failed = error
+            start.restore()
             return self._original(*args, **kwargs)
         self.result = sens
-        if evaluations.count != 1 or evaluations.buffers_changed:
-            # What the model leaves behind (an attribute, a hook's record, an updated buffer) is the last
-            # evaluation's, and buffers were the engine's copies: the step gets the model's own call, once.
+        if evaluations.count != 1 or evaluations.buffers_changed or evaluations.inputs_changed:
+            # What the model leaves behind (an attribute, a hook's record, an updated buffer or input) is the
+            # last evaluation's, and buffers (and the inputs of a model that updates them) were the engine's
+            # copies: the step gets the model's own call, once, from the random state it would have started from.
+            start.restore()
             return self._original(*args, **kwargs)
         return output

@@ -21,6 +21,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels, uncached
 from lightning_sensitivity._products import OneHot, Products
@@ -33,6 +34,8 @@ _REVERSE_MAX_CHUNK = 256
 _INDEPENDENT = "independent of the inputs"
 #: Modules whose forward runs a backward pass (``torch.autograd.grad`` inside): pushed without ``Products``.
 _BACKWARD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: Whether a module's forward updates its inputs in place, as learned from its evaluations (absent: not known yet).
+_UPDATES_INPUTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 #: The sensitivities by label, the targets whose derivative never reached the output, and the output itself.
 Result = tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]
@@ -46,11 +49,13 @@ class Evaluations:
         count: how many times the engine evaluated it (probes, checks and fallbacks included).
         buffers_changed: whether one of them updated or replaced a buffer, which it did on the engine's private
             copy, so that the module did not keep it.
+        inputs_changed: whether one of them updated its inputs in place.
     """
 
     module: nn.Module
     count: int = 0
     buffers_changed: bool = False
+    inputs_changed: bool = False
 
 
 _RECORDING: ContextVar[Evaluations | None] = ContextVar("lightning_sensitivity_recording", default=None)
@@ -87,10 +92,25 @@ class Model:
         running_stats: bool = False,
     ) -> None:
         self.module = module
-        self.args, self.kwargs = args, kwargs
+        #: the inputs as the caller gave them, to read (shapes, dtypes), not to evaluate on: see :attr:`args`
+        self.inputs = args, kwargs
+        # Until the module is known to leave its inputs alone, evaluations get copies of them: a model that updates
+        # its input in place (``x /= 255``) would otherwise compound its updates over the engine's evaluations.
+        self._pristine = None if _UPDATES_INPUTS.get(module) is False else _fresh((args, kwargs))
         self.running_stats = running_stats
         self.runner = _Runner(module, function, api)
         self.name = self.runner.name
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The positional inputs to evaluate on: fresh copies of the given ones unless the module is known to leave
+        them alone."""
+        return self.inputs[0] if self._pristine is None else _fresh(self._pristine[0])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword inputs to evaluate on (see :attr:`args`)."""
+        return self.inputs[1] if self._pristine is None else _fresh(self._pristine[1])
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -116,15 +136,24 @@ class Model:
         kwargs = self.kwargs if kwargs is None else kwargs
         batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
         record = _RECORDING.get()
-        if record is not None and record.module is self.module:
+        if record is not None and record.module is not self.module:
+            record = None
+        if record is not None:
             record.count += 1
             self.runner.watch = (record, {name: (tensor, tensor._version) for name, tensor in private.items()})
+        versions = _versions((args, kwargs))
         self.runner.then = then
         try:
             with eager(), uncached(), batch_norm, products or contextlib.nullcontext():
-                return functional_call(self.runner, swapped, args, kwargs)
+                output = functional_call(self.runner, swapped, args, kwargs)
         finally:
             self.runner.then = self.runner.watch = None
+        updated = _versions((args, kwargs)) != versions
+        if updated or self.module not in _UPDATES_INPUTS:
+            _UPDATES_INPUTS[self.module] = updated or _UPDATES_INPUTS.get(self.module, False)
+        if updated and record is not None:
+            record.inputs_changed = True
+        return output
 
 
 class _Runner(nn.Module):
@@ -165,6 +194,20 @@ class _Runner(nn.Module):
         if not out.is_floating_point():
             raise TypeError(f"{self.api}: {self.name} returned a tensor of dtype {out.dtype}, which has no derivative.")
         return out if self.then is None else self.then(out)
+
+
+def _fresh(value: Any) -> Any:
+    """Copies of the tensors inside ``value`` (tuples, lists and dicts walked), outside inference mode, so that a
+    model may update them in place."""
+    leaves, spec = tree_flatten(value)
+    with torch.inference_mode(False):
+        return tree_unflatten([x.clone() if isinstance(x, Tensor) else x for x in leaves], spec)
+
+
+def _versions(value: Any) -> list[int]:
+    """The version counters of the tensors inside ``value`` that have one (inference tensors have none)."""
+    leaves, _ = tree_flatten(value)
+    return [x._version for x in leaves if isinstance(x, Tensor) and not x.is_inference()]
 
 
 def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:

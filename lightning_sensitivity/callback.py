@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
 from lightning_sensitivity._fused import FusedForward, model_input, taken_over
+from lightning_sensitivity._modes import RandomState
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
 from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets, target_list
@@ -585,9 +586,13 @@ class SensitivityMonitor(Callback):
             )
         if function is None:
             _check_forward_takes(module, args)
-        sens, _ = sensitivities_and_output(
-            module, self._resolved, args, function=function, **self._options(stage, trainer)
-        )
+        state = RandomState(module.device)  # the steps after this one draw what they would without the monitor
+        try:
+            sens, _ = sensitivities_and_output(
+                module, self._resolved, args, function=function, **self._options(stage, trainer)
+            )
+        finally:
+            state.restore()
         return sens
 
     def _check_rows(self, trainer: Trainer, batch: Any, sens: dict[str, Tensor]) -> None:

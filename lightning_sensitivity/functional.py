@@ -508,7 +508,7 @@ def _carries_zero(
 def _batch_layout(model: Model) -> tuple[Any, ...]:
     """What decides which inputs per-sample reverse mode takes for batched (their first dimensions) and whether
     the model mixes samples (train or eval mode of every submodule)."""
-    leaves, _ = tree_flatten((model.args, model.kwargs))
+    leaves, _ = tree_flatten(model.inputs)
     sizes = tuple(x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None for x in leaves)
     return sizes, tuple(m.training for m in model.module.modules())
 

@@ -322,3 +322,63 @@ def test_no_take_over_under_a_hook_for_every_module(tmp_path, monkeypatch):
         handle.remove()
     assert models[True].forwards == models[False].forwards
     assert models[True].calls == models[False].calls  # type: ignore[attr-defined]
+
+
+class Noisy(Counted):
+    """Draws random numbers in eval mode (a noise layer), and the step draws more after its call."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        return Physics.forward(self, x) + 0.1 * torch.randn(x.shape[0], 3)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y) + torch.rand(()))
+
+
+class ScalesItsInput(Counted):
+    """Updates the batch's own input in place, and the step reads it after its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs_seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.mul_(2.0)
+        return super().forward(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+        self.inputs_seen.append(x.clone())
+
+
+def run_with(model: L.LightningModule, monitor: SensitivityMonitor | None, **trainer_kwargs) -> tuple[dict, Tensor]:
+    """The validation metrics and the next random number after ``trainer.validate``, from a fixed seed."""
+    trainer = L.Trainer(
+        logger=False,
+        callbacks=[] if monitor is None else [monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    torch.manual_seed(7)
+    metrics = trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)[0]
+    return {k: v for k, v in metrics.items() if not k.startswith("sensitivity")}, torch.rand(())
+
+
+@pytest.mark.parametrize("model_type", [Noisy, DropoutInValidation, ScalesItsInput])
+@pytest.mark.parametrize("targets", [["C"], TARGETS])
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_the_step_and_the_random_stream_are_as_without_the_monitor(model_type, targets, inference_mode):
+    """Whether the monitor takes the call over (evaluated once, or more often on the first batch's check and
+    then the model's own call) or differentiates after the step (dropout on), the step's numbers, its input and
+    every later random draw are bit for bit those of a run without it."""
+    plain = model_type()
+    expected = run_with(plain, None, inference_mode=inference_mode)
+    model = model_type()
+    got = run_with(model, SensitivityMonitor(targets, log_figures=False), inference_mode=inference_mode)
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+    if model_type is ScalesItsInput:
+        assert all(torch.equal(a, b) for a, b in zip(model.inputs_seen, plain.inputs_seen, strict=True))
+        assert plain.forwards == 5 and model.forwards > plain.forwards

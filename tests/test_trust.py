@@ -533,6 +533,34 @@ def test_model_that_updates_its_inference_tensor_input_in_place(targets):
     assert torch.equal(sens["lin.weight[0, 1]"][:, 0], x[:, 1].clamp(-1, 1))
 
 
+class HalvesItsInput(nn.Module):
+    """``x /= 2`` inside ``forward``: evaluated again on the same tensor, it would halve it again."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x /= 2.0
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_model_that_updates_its_input_in_place_is_evaluated_on_the_input_as_given(method, k, verify):
+    labels = ["lin.weight[0, 1]", "lin.weight[1, 2]"][:k]
+    model, x = HalvesItsInput(), torch.randn(4, 3)
+    given = x.clone()
+    expected = {label: loop_reference(model, [label], (x.clone(),))[label] for label in labels}
+    for _ in range(2):  # the first call learns that the model updates its input; the second knows
+        sens = per_sample_sensitivities(model, labels, (x,), method=method, verify=verify)
+        for label in labels:
+            torch.testing.assert_close(sens[label], expected[label])
+        assert torch.equal(x, given)  # every evaluation ran on a copy: the caller's tensor is as it was
+
+
 @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("targets", [["0.weight[0, 1]"], ["0.weight[0, 1]", "0.bias[1]"]])
 def test_empty_batch(method, targets):
