@@ -61,6 +61,8 @@ class Mismatch:
         fd_norm: norm over the batch of the central finite differences.
         error_norm: norm over the batch of what separates them beyond rounding noise.
         step: the realised step ``(θ + h) - (θ - h)``.
+        frozen_norm: the part of ``error_norm`` in output elements that did not move at all, bit for bit, at
+            ``θ - h`` and ``θ + h``, where AD gives a derivative.
     """
 
     label: str
@@ -68,13 +70,23 @@ class Mismatch:
     fd_norm: float
     error_norm: float
     step: float
+    frozen_norm: float = 0.0
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the disagreement is, within the check's tolerance, all in elements that did not move at all."""
+        rest = max(self.error_norm**2 - self.frozen_norm**2, 0.0) ** 0.5
+        return self.frozen_norm > 0 and rest <= 0.1 * self.error_norm
 
     def describe(self) -> str:
         """The target and the three norms, one line of the error message."""
-        return (
+        text = (
             f"{self.label!r}: |AD| = {self.ad_norm:.3g}, |finite differences| = {self.fd_norm:.3g}, "
             f"|difference| = {self.error_norm:.3g} (norms over the batch; step {self.step:.3g})"
         )
+        if self.frozen_norm > 0:
+            text += f", of which {self.frozen_norm:.3g} in output elements that did not move at all"
+        return text
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -162,7 +174,9 @@ class FiniteDifferences:
         ad_norm, fd_norm, error_norm = (float(torch.linalg.vector_norm(v)) for v in (a, central, excess))
         dtype = min(ad.dtype, self.tensors[target.name].dtype, key=lambda d: torch.finfo(d).bits)
         if error_norm > tolerance(dtype) * max(ad_norm, fd_norm):
-            return Mismatch(target.label, ad_norm, fd_norm, error_norm, step_down + step_up)
+            still = (y_down == y0) & (y_up == y0)  # rounding that freezes the output, or a flat function
+            frozen_norm = float(torch.linalg.vector_norm(torch.where(still, excess, zero)))
+            return Mismatch(target.label, ad_norm, fd_norm, error_norm, step_down + step_up, frozen_norm)
         return None
 
     def depends(self, target: ResolvedTarget, dtype: torch.dtype) -> Tensor | None:
@@ -219,7 +233,16 @@ def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:
 def mismatch_message(api: str, mismatches: Sequence[Mismatch], where: str, hint: str) -> str:
     """The text of a :class:`SensitivityCheckError`: the targets with their magnitudes, causes and what to do."""
     listed = "; ".join(m.describe() for m in mismatches)
+    causes = _LIKELY_CAUSES
+    if all(m.frozen for m in mismatches):
+        causes = (
+            "The disagreement is in output elements that did not move at all while the target moved, where AD "
+            "gives a derivative. Either rounding freezes them, and AD is right: an attention row that a mask fills "
+            "with finfo(dtype).min (a left-padded position in eager attention), whose scores float32 cannot see "
+            "move; the loop of torch.autograd.grad gives AD's values there. Or the function is flat with a "
+            "gradient of its own (a quantiser with a straight-through gradient), and AD is not the derivative."
+        )
     return (
         f"{api}: automatic differentiation and central finite differences disagree {where} for "
-        f"{len(mismatches)} target(s): {listed}. {_LIKELY_CAUSES} {hint}"
+        f"{len(mismatches)} target(s): {listed}. {causes} {hint}"
     )

@@ -1018,3 +1018,29 @@ def test_running_statistics_of_instance_norm_and_of_a_custom_batch_norm(method):
     torch.testing.assert_close(per_sample_sensitivities(own, "mu[1]", (x,), method=method)["mu[1]"], expected)
     with pytest.raises(ValueError, match="InstanceNorm1d, which is in training mode"):
         per_sample_sensitivities(norm.train(), "running_mean[1]", (x[:, :, None],), method=method)
+
+
+class MaskedAttentionRow(nn.Module):
+    """Softmax of scores ``w * x``, sample 0's row filled with ``finfo.min`` as eager attention masks a left-padded
+    position: in float32 that row does not move with ``w`` at all, while the formula's derivative is not zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = torch.zeros_like(x)
+        mask[0] = torch.finfo(x.dtype).min
+        return torch.softmax(self.w * x + mask, dim=-1)
+
+
+def test_a_disagreement_only_where_the_output_is_frozen_says_so():
+    model, x = MaskedAttentionRow(), torch.randn(3, 4)
+    torch.testing.assert_close(per_sample_sensitivities(model, "w", (x,))["w"], loop_reference(model, ["w"], (x,))["w"])
+    with pytest.raises(SensitivityCheckError, match="did not move at all.*finfo\\(dtype\\).min") as raised:
+        per_sample_sensitivities(model, "w", (x,), verify=True)
+    (mismatch,) = raised.value.mismatches
+    assert mismatch.frozen and mismatch.frozen_norm > 0
+    with pytest.raises(SensitivityCheckError) as raised:  # a wrong jvp where the output moves: the usual causes
+        per_sample_sensitivities(WithWrongSign(), "k", (torch.randn(4, 2),), verify=True)
+    assert "Likely causes" in str(raised.value) and not raised.value.mismatches[0].frozen
