@@ -59,6 +59,8 @@ class _Plan:
     """What worked for a module, remembered across calls so that failed attempts are paid once."""
 
     rnn: bool = False
+    #: embeddings with ``scale_grad_by_freq``, by name: reverse mode does not give the derivative for their weight
+    frequency_scaled: list[tuple[str, nn.Embedding | nn.EmbeddingBag]] = field(default_factory=list)
     safe_kernels: bool = False
     vectorise: bool = True
     reverse: bool = False
@@ -235,7 +237,14 @@ def sensitivities_and_output(
     elif not isinstance(args, tuple):
         args = tuple(args)
     kwargs = {} if kwargs is None else kwargs
-    plan = _PLANS.setdefault(module, _Plan(rnn=has_rnn(module)))
+    plan = _PLANS.get(module)
+    if plan is None:  # what the module holds is looked up once
+        embeddings = [
+            (name, m)
+            for name, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq
+        ]
+        plan = _PLANS[module] = _Plan(rnn=has_rnn(module), frequency_scaled=embeddings)
     model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
     if uses_fsdp(module):
@@ -355,7 +364,7 @@ def _differentiate(
     result sees the dropout masks of one evaluation (those finite differences see), whatever was tried before."""
     rng = RandomState(model.device)
     key = signature(model, resolved)
-    unfaithful = _reverse_unfaithful(model.module, resolved, tensors)
+    unfaithful = _reverse_unfaithful(plan, resolved, tensors)
 
     def lost_of(
         sens: dict[str, Tensor], missing: list[ResolvedTarget], mode: str
@@ -440,19 +449,12 @@ def _differentiate(
     return sens, output
 
 
-def _reverse_unfaithful(
-    module: nn.Module, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]
-) -> str | None:
+def _reverse_unfaithful(plan: _Plan, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> str | None:
     """Why reverse mode would not give ``dy/dθ`` for these targets, or ``None``: the weight of an embedding
     with ``scale_grad_by_freq``, whose backward divides each row's gradient by how often its index occurs in the
     batch (by design, for training; forward mode has the true derivative)."""
-    scaled = [
-        (name, m)
-        for name, m in module.named_modules()
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq
-    ]
     for target in resolved:
-        for name, embedding in scaled:
+        for name, embedding in plan.frequency_scaled:
             if embedding.weight is tensors[target.name]:
                 where = f"{type(embedding).__name__} {name!r}" if name else type(embedding).__name__
                 return (
