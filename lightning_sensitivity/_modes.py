@@ -198,10 +198,14 @@ class _Runner(nn.Module):
 
 def _fresh(value: Any) -> Any:
     """Copies of the tensors inside ``value`` (tuples, lists and dicts walked), outside inference mode, so that a
-    model may update them in place."""
+    model may update them in place; a tensor passed twice is copied once, so that the copies alias as it does."""
     leaves, spec = tree_flatten(value)
+    copies: dict[int, Tensor] = {}
     with torch.inference_mode(False):
-        return tree_unflatten([x.clone() if isinstance(x, Tensor) else x for x in leaves], spec)
+        for x in leaves:
+            if isinstance(x, Tensor) and id(x) not in copies:
+                copies[id(x)] = x.clone()
+    return tree_unflatten([copies[id(x)] if isinstance(x, Tensor) else x for x in leaves], spec)
 
 
 def _versions(value: Any) -> list[int]:
@@ -211,8 +215,10 @@ def _versions(value: Any) -> list[int]:
 
 
 def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies of the module's buffers (but those in ``skip``)."""
-    return {name: buf.clone() for name, buf in module.named_buffers() if name not in skip}
+    """Copies of the module's buffers (but those in ``skip``), made outside inference mode: ordinary tensors, whose
+    version counters tell an update in place, which the model may make whatever the mode it runs in."""
+    with torch.inference_mode(False):
+        return {name: buf.clone() for name, buf in module.named_buffers() if name not in skip}
 
 
 class RandomState:

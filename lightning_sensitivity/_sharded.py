@@ -25,9 +25,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from lightning_sensitivity._modes import _INDEPENDENT, Model, RandomState, Result, _writable
+from lightning_sensitivity._modes import _INDEPENDENT, Model, RandomState, Result, _fresh, _writable
 from lightning_sensitivity._targets import ResolvedTarget
-from lightning_sensitivity._verify import FiniteDifferences, _cloned
+from lightning_sensitivity._verify import FiniteDifferences
 
 try:  # public in torch >= 2.6
     from torch.distributed.fsdp import FSDPModule
@@ -363,7 +363,7 @@ class ShardedFiniteDifferences(FiniteDifferences):
         after = RandomState(self.model.device)
         self.rng.restore()
         try:
-            out = self.sharded.evaluate(make, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
+            out = self.sharded.evaluate(make, args=_fresh(self.args), kwargs=_fresh(self.kwargs))
         finally:
             after.restore()
         return out.detach().double()

@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_sensitivity._modes import Model, RandomState
+from lightning_sensitivity._modes import Model, RandomState, _fresh
 from lightning_sensitivity._targets import ResolvedTarget
 
 #: Rounding noise forgiven per output element, in units of ``eps * |y| / h``: an output of a deep network
@@ -94,18 +93,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return 0.25 if torch.finfo(dtype).bits <= 16 else 0.1
 
 
-def _cloned(value: Any) -> Any:
-    """``value`` with every tensor inside (tuples, lists, dicts walked) copied."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        items = [_cloned(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((k, _cloned(v)) for k, v in value.items())
-    return value
-
-
 class FiniteDifferences:
     """Evaluations of ``model`` with one element of one target's tensor moved, under the random state and on
     copies of the inputs taken at construction (make it before the AD evaluation it is to check: the model
@@ -114,7 +101,7 @@ class FiniteDifferences:
     def __init__(self, model: Model, tensors: dict[str, Tensor], rng: RandomState | None = None) -> None:
         self.model = model
         self.tensors = tensors
-        self.args, self.kwargs = _cloned(model.args), _cloned(model.kwargs)
+        self.args, self.kwargs = _fresh((model.args, model.kwargs))
         #: the random state of every evaluation: ``rng`` (that of the AD evaluation to confirm), else the current
         self.rng = RandomState(model.device) if rng is None else rng
         self._base: Tensor | None = None
@@ -124,7 +111,8 @@ class FiniteDifferences:
         after = RandomState(self.model.device)
         self.rng.restore()
         try:
-            out: Tensor = self.model(replaced, args=_cloned(self.args), kwargs=_cloned(self.kwargs))
+            args, kwargs = _fresh((self.args, self.kwargs))
+            out: Tensor = self.model(replaced, args=args, kwargs=kwargs)
         finally:
             after.restore()
         return out.detach().double()

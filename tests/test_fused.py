@@ -116,7 +116,17 @@ def assert_same_run(fused: SensitivityMonitor, separate: SensitivityMonitor) -> 
     }
 
 
-@pytest.mark.parametrize("model_type", [Counted, OtherCallFirst])
+class WithBatchNorm(Counted):
+    """Buffers that eval mode only reads (BatchNorm's running statistics): the engine's copies of them change
+    nothing, so the call is still taken over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+        self.net[1].running_mean.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("model_type", [Counted, OtherCallFirst, WithBatchNorm])
 def test_the_steps_forward_gives_the_same_numbers_with_one_pass_less(tmp_path, monkeypatch, model_type):
     models = {fuse: model_type() for fuse in (True, False)}
     runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
@@ -382,3 +392,12 @@ def test_the_step_and_the_random_stream_are_as_without_the_monitor(model_type, t
     if model_type is ScalesItsInput:
         assert all(torch.equal(a, b) for a, b in zip(model.inputs_seen, plain.inputs_seen, strict=True))
         assert plain.forwards == 5 and model.forwards > plain.forwards
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_a_model_that_updates_its_input_is_differentiated_at_the_input_it_was_given(inference_mode):
+    monitor = SensitivityMonitor(["C"], log_figures=False)
+    run_with(ScalesItsInput(), monitor, inference_mode=inference_mode)
+    x = physics_data(40).tensors[0]
+    expected = 2 * x[:, :1]  # dy/dC = x[:, :1] of the input as forward scaled it once, for each output element
+    assert monitor.summary()["C"]["mean"] == pytest.approx(float(expected.mean()), rel=1e-6)

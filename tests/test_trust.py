@@ -561,6 +561,27 @@ def test_a_model_that_updates_its_input_in_place_is_evaluated_on_the_input_as_gi
         assert torch.equal(x, given)  # every evaluation ran on a copy: the caller's tensor is as it was
 
 
+class DoublesOneOfTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        x.mul_(2.0)
+        return self.lin(x + y)  # y is x when the caller passes one tensor twice: then it was doubled too
+
+
+def test_an_input_passed_twice_stays_one_tensor_in_the_copies():
+    model, x = DoublesOneOfTwo(), torch.randn(4, 3)
+    given = x.clone()
+    copy = x.clone()
+    expected = loop_reference(model, ["lin.weight[0, 1]"], (copy, copy))["lin.weight[0, 1]"]
+    sens = per_sample_sensitivities(model, "lin.weight[0, 1]", (x, x), verify=True)["lin.weight[0, 1]"]
+    torch.testing.assert_close(sens, expected)
+    assert torch.equal(x, given)
+
+
 @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("targets", [["0.weight[0, 1]"], ["0.weight[0, 1]", "0.bias[1]"]])
 def test_empty_batch(method, targets):
