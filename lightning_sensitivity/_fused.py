@@ -24,6 +24,7 @@ it always has.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 
 from lightning_sensitivity._modes import RandomState, recording
 from lightning_sensitivity._sharded import uses_fsdp
+
+_LOG = logging.getLogger("lightning_sensitivity")
 
 #: ``(sensitivities by label, output)`` from the engine, for the model's input.
 Compute = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
@@ -130,6 +133,7 @@ class FusedForward:
             with recording(self.module) as evaluations:
                 sens, output = self.compute(args[0])
         except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
+            _LOG.debug("the engine failed inside the step's call (%r); differentiating after the step", error)
             self.failed = error
             start.restore()
             return self._original(*args, **kwargs)
