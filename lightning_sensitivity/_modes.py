@@ -148,11 +148,12 @@ class Model:
                 output = functional_call(self.runner, swapped, args, kwargs)
         finally:
             self.runner.then = self.runner.watch = None
-        updated = _versions((args, kwargs)) != versions
-        if updated or self.module not in _UPDATES_INPUTS:
-            _UPDATES_INPUTS[self.module] = updated or _UPDATES_INPUTS.get(self.module, False)
-        if updated and record is not None:
-            record.inputs_changed = True
+        if _versions((args, kwargs)) == versions:
+            _UPDATES_INPUTS.setdefault(self.module, False)
+        else:  # for good: later calls copy the inputs for every evaluation
+            _UPDATES_INPUTS[self.module] = True
+            if record is not None:
+                record.inputs_changed = True
         return output
 
 
