@@ -61,7 +61,12 @@ def can_fuse(module: nn.Module) -> bool:
 
 #: Hooks that run around a module's call: its own, and those registered for every module.
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(name.replace("_", "_global_", 1) for name in _HOOKS)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -21,7 +21,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels, uncached
 from lightning_sensitivity._products import OneHot, Products
@@ -197,22 +196,44 @@ class _Runner(nn.Module):
         return out if self.then is None else self.then(out)
 
 
+def _map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside: tuples (named ones too), lists and dicts are walked
+    and keep their types, subclasses included."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        items = [_map_tensors(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
+    return value
+
+
 def _fresh(value: Any) -> Any:
-    """Copies of the tensors inside ``value`` (tuples, lists and dicts walked), outside inference mode, so that a
-    model may update them in place; a tensor passed twice is copied once, so that the copies alias as it does."""
-    leaves, spec = tree_flatten(value)
+    """Copies of the tensors inside ``value``, outside inference mode, so that a model may update them in place;
+    a tensor passed twice is copied once, so that the copies alias as it does."""
     copies: dict[int, Tensor] = {}
+
+    def copy(x: Tensor) -> Tensor:
+        if id(x) not in copies:
+            copies[id(x)] = x.clone()
+        return copies[id(x)]
+
     with torch.inference_mode(False):
-        for x in leaves:
-            if isinstance(x, Tensor) and id(x) not in copies:
-                copies[id(x)] = x.clone()
-    return tree_unflatten([copies[id(x)] if isinstance(x, Tensor) else x for x in leaves], spec)
+        return _map_tensors(value, copy)
 
 
 def _versions(value: Any) -> list[int]:
     """The version counters of the tensors inside ``value`` that have one (inference tensors have none)."""
-    leaves, _ = tree_flatten(value)
-    return [x._version for x in leaves if isinstance(x, Tensor) and not x.is_inference()]
+    versions: list[int] = []
+
+    def note(x: Tensor) -> Tensor:
+        if not x.is_inference():
+            versions.append(x._version)
+        return x
+
+    _map_tensors(value, note)
+    return versions
 
 
 def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -392,16 +413,9 @@ def _tangent_by_dual_numbers(
 
 
 def _writable(value: Any) -> Any:
-    """Ordinary copies of inference tensors inside ``value`` (tuples, lists and dicts are walked), so that
-    autograd may save them for backward and the model may update them in place outside inference mode."""
-    if isinstance(value, Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, (list, tuple)):
-        items = [_writable(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((k, _writable(v)) for k, v in value.items())
-    return value
+    """Ordinary copies of inference tensors inside ``value`` (see :func:`_map_tensors`), so that autograd may save
+    them for backward and the model may update them in place outside inference mode."""
+    return _map_tensors(value, lambda x: x.clone() if x.is_inference() else x)
 
 
 def reverse(

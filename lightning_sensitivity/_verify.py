@@ -190,7 +190,7 @@ class FiniteDifferences:
             output = self.evaluate({target.name: poisoned})
         except Exception:  # noqa: BLE001 - a model that refuses NaN (a distribution's checks, an ODE step size)
             return True
-        return bool((output.isnan() & ~self.base().isnan()).any())
+        return self._turned_nan(output)
 
     def reaches_past_the_module(self, target: ResolvedTarget) -> bool:
         """Whether the target's value reaches the output when made NaN in the module's own tensor, in place (and
@@ -209,6 +209,10 @@ class FiniteDifferences:
                 return True
             finally:
                 tensor[target.index] = kept
+        return self._turned_nan(output)
+
+    def _turned_nan(self, output: Tensor) -> bool:
+        """Whether an output element is NaN that is not NaN at the target's own value."""
         return bool((output.isnan() & ~self.base().isnan()).any())
 
 
