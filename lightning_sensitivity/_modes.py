@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
 from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels, uncached
 from lightning_sensitivity._products import OneHot, Products
@@ -130,7 +130,6 @@ class Model:
         ``then(output)``, evaluated while they are still in place (a backward pass that re-runs the module,
         as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``)."""
         private = _private_buffers(self.module, tensors)
-        swapped = {_Runner.PREFIX + name: tensor for name, tensor in {**private, **tensors}.items()}
         args = self.args if args is None else args
         kwargs = self.kwargs if kwargs is None else kwargs
         batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
@@ -139,14 +138,15 @@ class Model:
             record = None
         if record is not None:
             record.count += 1
-            self.runner.watch = (record, {name: (tensor, tensor._version) for name, tensor in private.items()})
         versions = _versions((args, kwargs))
-        self.runner.then = then
-        try:
-            with eager(), uncached(), batch_norm, products or contextlib.nullcontext():
-                output = functional_call(self.runner, swapped, args, kwargs)
-        finally:
-            self.runner.then = self.runner.watch = None
+        before = {id(copy): copy._version for copy in private.values()}
+        swap = Swap(self.module, {**private, **tensors})
+        with eager(), uncached(), batch_norm, products or contextlib.nullcontext(), swap:
+            output = self.runner(args, kwargs)
+            if record is not None:  # while the private buffers are in place: replaced ones are seen too
+                record.buffers_changed |= swap.changed(before)
+            if then is not None:
+                output = then(output)
         if _versions((args, kwargs)) == versions:
             _UPDATES_INPUTS.setdefault(self.module, False)
         else:  # for good: later calls copy the inputs for every evaluation
@@ -156,31 +156,58 @@ class Model:
         return output
 
 
-class _Runner(nn.Module):
-    """Calls the module (or ``function``), checks the output, and applies ``then``; holds the module as a
-    child so that ``functional_call`` swaps its tensors (named ``inner.<name>`` here)."""
+class Swap:
+    """While active, the module's tensors named in ``replacements`` (by their first name, as in
+    ``named_parameters()`` and ``named_buffers()``) are replaced wherever the module holds that very tensor: under
+    each of its names, in each module object once (a tied weight, or a submodule registered under two names, such
+    as ``self.a = self.b = nn.Linear(...)``). On exit every slot gets its own tensor object back, whatever the
+    model did meanwhile. (``torch.func.functional_call`` does not restore a tensor reached through two names of
+    one module object: the module kept the swapped-in tensor.)"""
 
-    PREFIX = "inner."
+    def __init__(self, module: nn.Module, replacements: dict[str, Tensor]) -> None:
+        named: dict[str, Tensor] = dict(module.named_parameters())
+        named.update(module.named_buffers())
+        by_id = {id(named[name]): new for name, new in replacements.items()}
+        #: (the parameters' or buffers' dict of a module, attribute, own tensor, replacement)
+        self.slots = [
+            (store, attr, own, by_id[id(own)])
+            for owner in module.modules()  # each module object once, however many names it has
+            for store in (owner._parameters, owner._buffers)
+            for attr, own in store.items()
+            if own is not None and id(own) in by_id
+        ]
+
+    def __enter__(self) -> Swap:
+        for store, attr, _, new in self.slots:
+            store[attr] = new  # type: ignore[assignment] # a plain tensor in a Parameter's slot, as torch.func does
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for store, attr, own, _ in self.slots:
+            store[attr] = own  # type: ignore[assignment]
+
+    def changed(self, versions: dict[int, int]) -> bool:
+        """Whether a replacement whose version counter ``versions`` holds (by ``id``) was updated in place, or
+        replaced in one of its slots, since."""
+        return any(
+            id(new) in versions and (store.get(attr) is not new or new._version != versions[id(new)])
+            for store, attr, _, new in self.slots
+        )
+
+
+class _Runner:
+    """Calls the module (or ``function``) and checks that the output is one floating-point tensor with a sample
+    dimension."""
 
     def __init__(self, module: nn.Module, function: Callable[..., Any] | None, api: str) -> None:
-        super().__init__()
-        self.inner = module
+        self.module = module
         self.function = function
         self.api = api
-        self.then: Callable[[Tensor], Any] | None = None
-        #: where to note whether the evaluation changed one of the private buffers (by name: tensor, version)
-        self.watch: tuple[Evaluations, dict[str, tuple[Tensor, int]]] | None = None
         owner = type(module).__name__
         self.name = owner if function is None else f"{owner}.{getattr(function, '__name__', 'function')}"
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(*args, **kwargs) if self.function is None else self.function(*args, **kwargs)
-        if self.watch is not None:  # while the private buffers are in place: replaced ones are seen too
-            record, before = self.watch
-            now = dict(self.inner.named_buffers())
-            record.buffers_changed |= any(
-                now.get(name) is not tensor or tensor._version != version for name, (tensor, version) in before.items()
-            )
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        out = self.module(*args, **kwargs) if self.function is None else self.function(*args, **kwargs)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"{self.api}: {self.name} returned {type(out).__name__}, but sensitivities need one tensor whose "
@@ -193,7 +220,7 @@ class _Runner(nn.Module):
             )
         if not out.is_floating_point():
             raise TypeError(f"{self.api}: {self.name} returned a tensor of dtype {out.dtype}, which has no derivative.")
-        return out if self.then is None else self.then(out)
+        return out
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:

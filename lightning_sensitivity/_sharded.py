@@ -3,14 +3,14 @@
 
 A sharded parameter is a ``DTensor`` shard outside forward; FSDP all-gathers it into a plain parameter just
 before the forward of the module that manages it and re-registers the shard afterwards. Swapping the sharded
-parameter for a tangent-carrying tensor (``functional_call``) therefore either crashes FSDP's lazy
+parameter for a tangent-carrying tensor (as ``Model`` swaps tensors) therefore either crashes FSDP's lazy
 initialisation or is overwritten by the all-gather: the tangent is lost. Here the replacement is made *inside*
 that forward instead, from the gathered parameter, by a forward pre-hook registered after FSDP's own
 (``prepend=False``; FSDP prepends its own): a dual tensor (one target), ``P`` plus the input of ``jvp``
 scattered onto the targets' elements (several targets), or a copy with one element moved (finite
 differences). The real parameters are never written, and no process ever holds more of the model than FSDP
 itself gathers. Each evaluation counts the hooks that fired: a target whose module never ran its forward
-raises instead of giving zeros. Buffers are not sharded: they are swapped by ``functional_call`` as usual.
+raises instead of giving zeros. Buffers are not sharded: they are swapped by ``Model`` as usual.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class _Replacements:
 
 
 class ShardedModel:
-    """The engine's ways for a sharded model: parameters replaced by hooks, buffers by ``functional_call``."""
+    """The engine's ways for a sharded model: parameters replaced by hooks, buffers by ``Model``'s swap."""
 
     def __init__(self, model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> None:
         self.model = model
