@@ -54,8 +54,7 @@ def choose(model: Model, plan: _Plan, resolved: Sequence[ResolvedTarget], tensor
         if not is_unsupported(error):
             raise
         probe = None  # an op without a forward formula (or vmap rule) in this model
-        with torch.no_grad():
-            output = model({})
+        output = model.plain()
     batch = output.shape[0]
     per_sample = max(1, output[0].numel()) if batch else 1
     if probe is not None and len(resolved) <= per_sample:
@@ -142,8 +141,7 @@ def close(a: Tensor, b: Tensor) -> bool:
 def per_sample_agrees(model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> bool:
     """Per-sample reverse mode against batched reverse mode on the first two samples: ``vmap`` over a backward
     pass is only as right as the batching rules of the ops' backward formulas (``torch.cdist``'s is wrong)."""
-    with torch.no_grad():
-        batch = model({}).shape[0]
+    batch = model.plain().shape[0]
     sub = first_samples(model, batch, min(batch, 2))
     per_sample, _, _ = per_sample_reverse(sub, resolved, tensors, None)
     batched, _, _ = reverse(sub, resolved, tensors, None)

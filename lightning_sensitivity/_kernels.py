@@ -6,6 +6,8 @@
 - :func:`uncached` computes parametrized tensors afresh inside ``torch.nn.utils.parametrize.cached()``.
 - :class:`BatchNormByOps` computes an evaluation-mode batch norm by elementary ops, so that its running
   statistics carry a derivative (torch's own formulas treat them as constants).
+- :class:`DifferentiableGrad` makes a derivative that the model computes inside ``forward`` (forces from an
+  energy, by ``torch.autograd.grad``) differentiable in reverse mode.
 """
 
 from __future__ import annotations
@@ -170,3 +172,21 @@ class BatchNormByOps(TorchFunctionMode):
         if params.get("bias") is not None:
             y = y + params["bias"].reshape(shape)
         return y
+
+
+class DifferentiableGrad(TorchFunctionMode):
+    """While active, ``torch.autograd.grad`` called by the model builds the graph of the derivative it computes
+    (``create_graph=True``, ``retain_graph=True``), so that reverse mode can differentiate through it: an ML
+    potential's forces, ``-autograd.grad(E, R, create_graph=self.training)``, carry no graph in eval mode. The
+    values are the same; forward mode needs no graph (its tangents go through the backward pass itself)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.autograd.grad:
+            bound = _GRAD_SIGNATURE.bind(*args, **kwargs).arguments
+            bound.update(create_graph=True, retain_graph=True)
+            return func(**bound)
+        return func(*args, **kwargs)
+
+
+_GRAD_SIGNATURE = inspect.signature(torch.autograd.grad)

@@ -22,8 +22,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from lightning_sensitivity._kernels import BatchNormByOps, eager, forward_ad_kernels, uncached
+from lightning_sensitivity._kernels import BatchNormByOps, DifferentiableGrad, eager, forward_ad_kernels, uncached
 from lightning_sensitivity._products import OneHot, Products
+from lightning_sensitivity._refusals import raised_in_backward
 from lightning_sensitivity._targets import ResolvedTarget
 
 #: Elements of the one-hot cotangent block the reverse-mode fallback builds at once, by default.
@@ -118,6 +119,12 @@ class Model:
             return tensor.device
         return torch.device("cpu")
 
+    def plain(self) -> Tensor:
+        """The output with the module's own tensors, detached, evaluated in the caller's grad mode: a model that
+        computes a derivative of its own inside ``forward`` (forces from an energy) needs grad, and may rely on the
+        caller's."""
+        return cast(Tensor, self({})).detach()
+
     def __call__(
         self,
         tensors: dict[str, Tensor],
@@ -125,10 +132,13 @@ class Model:
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
         products: Products | None = None,
+        inner_graphs: bool = False,
     ) -> Any:
         """The output with ``tensors`` (name -> tensor) in place of the module's own; with ``then``,
         ``then(output)``, evaluated while they are still in place (a backward pass that re-runs the module,
-        as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``)."""
+        as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``); with
+        ``inner_graphs``, a derivative the model takes inside (``torch.autograd.grad``) builds its graph, so that
+        reverse mode can differentiate it (:class:`~lightning_sensitivity._kernels.DifferentiableGrad`)."""
         private = _private_buffers(self.module, tensors)
         args = self.args if args is None else args
         kwargs = self.kwargs if kwargs is None else kwargs
@@ -142,7 +152,8 @@ class Model:
         before = {id(copy): copy._version for copy in private.values()}
         swap = Swap(self.module, {**private, **tensors})
         with eager(), uncached(), batch_norm, products or contextlib.nullcontext(), swap:
-            output = self.runner(args, kwargs)
+            with DifferentiableGrad() if inner_graphs else contextlib.nullcontext():
+                output = self.runner(args, kwargs)
             if record is not None:  # while the private buffers are in place: replaced ones are seen too
                 record.buffers_changed |= swap.changed(before)
             if then is not None:
@@ -369,10 +380,13 @@ def forward(
             output, columns = batched(tangents, *_rows(part, tensors))
             return output, columns
         except RuntimeError as error:
+            if raised_in_backward(error):  # torch.func cannot run the model's own autograd.grad: one at a time
+                raise RuntimeError(
+                    f"vmap over jvp cannot run the backward pass inside {model.name}: {error}"
+                ) from error
             if _INDEPENDENT not in str(error):
                 raise
-            with torch.no_grad():
-                return model(targets), None
+            return model.plain(), None
 
     step = len(resolved) if chunk_size is None else chunk_size
     step = step if vectorise else 1
@@ -470,7 +484,8 @@ def reverse(
 
     with torch.inference_mode(False), torch.enable_grad(), forward_ad_kernels(True, rnn=False):
         leaves = {name: _writable(tensor.detach()).requires_grad_(True) for name, tensor in tensors.items()}
-        output, blocks = model(leaves, then=backward, args=_writable(model.args), kwargs=_writable(model.kwargs))
+        args, kwargs = _writable(model.args), _writable(model.kwargs)
+        output, blocks = model(leaves, then=backward, args=args, kwargs=kwargs, inner_graphs=True)
     output = output.detach()
     out: dict[str, Tensor] = {}
     missing: list[ResolvedTarget] = []

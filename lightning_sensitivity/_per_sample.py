@@ -64,8 +64,7 @@ def per_sample_reverse(
         NotPerSample: the model's per-sample outputs differ from its batched output.
     """
     if output is None:
-        with torch.no_grad():
-            output = model({}).detach()
+        output = model.plain()
     batch = output.shape[0]
     leaves, spec = tree_flatten((model.args, model.kwargs))
     batched = [isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch for leaf in leaves]
@@ -88,7 +87,7 @@ def per_sample_reverse(
                 replaced[name] = fixed[name] + moved.sum()  # one target: the tensor itself
             else:
                 replaced[name] = fixed[name].index_put(indices[name], moved, accumulate=True)
-        return cast(Tensor, model(replaced, args=args, kwargs=kwargs)[0].reshape(-1))
+        return cast(Tensor, model(replaced, args=args, kwargs=kwargs, inner_graphs=True)[0].reshape(-1))
 
     def jacobian(*sample: Tensor) -> tuple[Tensor, Tensor]:
         # without has_aux, vjp returns (output, vjp_fn); its annotation also allows has_aux's triple

@@ -53,6 +53,17 @@ def culprit(error: BaseException) -> str:
     return "; ".join(parts)
 
 
+def raised_in_backward(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside a backward pass (``torch.autograd.grad`` or ``backward``), as one the
+    model runs inside ``forward`` (forces from an energy) fails under ``vmap``."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_engine_run_backward":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def is_unsupported(error: BaseException) -> bool:
     if isinstance(error, NotImplementedError):
         return True

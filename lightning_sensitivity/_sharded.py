@@ -334,8 +334,7 @@ class ShardedModel:
         except RuntimeError as error:
             if _INDEPENDENT not in str(error):
                 raise
-            with torch.no_grad():
-                return self.evaluate({}).detach(), None
+            return self.evaluate({}).detach(), None  # in the caller's grad mode: the model may need it
         return output.detach(), columns
 
     def values(self) -> dict[str, Tensor]:

@@ -180,7 +180,8 @@ class FiniteDifferences:
     def reaches(self, target: ResolvedTarget) -> bool:
         """Whether the target's value reaches the output at all: with it made NaN, does any output element turn
         NaN? NaN survives what finite differences cannot see through (a product with zero, ``.item()``), so a
-        target that it does not reach is independent of the output whatever the inputs."""
+        target that it does not reach is independent of the output whatever the inputs. ``True`` where the model
+        refuses NaN (nothing is learned, so nothing is taken for independent)."""
         tensor = self.tensors[target.name].detach()
         if not tensor.is_floating_point():
             return True
@@ -188,8 +189,8 @@ class FiniteDifferences:
         poisoned[target.index] = math.nan
         try:
             output = self.evaluate({target.name: poisoned})
-        except Exception:  # noqa: BLE001 - a model that refuses NaN (a distribution's checks, an ODE step size)
-            return True
+        except Exception:  # noqa: BLE001 - a model that refuses NaN (a distribution's checks, an ODE step size):
+            return True  # nothing learned, so the target is not taken for independent
         return self._turned_nan(output)
 
     def reaches_past_the_module(self, target: ResolvedTarget) -> bool:
@@ -200,14 +201,15 @@ class FiniteDifferences:
         tensor = self.tensors[target.name]
         if not tensor.is_floating_point() or tensor.is_inference():  # an inference tensor is read-only here
             return False
-        with torch.no_grad():
+        with torch.no_grad():  # the write only: the model runs in the caller's mode, which it may need
             kept = tensor[target.index].clone()
             tensor[target.index] = math.nan
-            try:
-                output = self.evaluate({})
-            except Exception:  # noqa: BLE001 - refusing the NaN is reaching it
-                return True
-            finally:
+        try:
+            output = self.evaluate({})
+        except Exception:  # noqa: BLE001 - a probe that could not evaluate proves no dependence
+            return False
+        finally:
+            with torch.no_grad():
                 tensor[target.index] = kept
         return self._turned_nan(output)
 

@@ -40,6 +40,22 @@ def loop_reference(module: nn.Module, labels: list[str], args: tuple, kwargs: di
     return result
 
 
+def central_differences(model: nn.Module, label: str, x: Tensor, h: float = 1e-6) -> Tensor:
+    """d model(x) / d label by float64 central differences, on a copy of the model (``label``: ``name[i, j]``)."""
+    name, _, index = label.partition("[")
+    element = tuple(int(i) for i in index.rstrip("]").split(",")) if index else ()
+    outputs = []
+    for step in (-h, h):
+        moved = copy.deepcopy(model)
+        named = [*moved.named_parameters(remove_duplicate=False), *moved.named_buffers(remove_duplicate=False)]
+        tensor = dict(named)[name]
+        with torch.no_grad():
+            tensor[element] += step
+        with torch.enable_grad():  # a model may take a derivative of its own (forces from an energy)
+            outputs.append(moved(x.clone()).detach())
+    return (outputs[1] - outputs[0]) / (2 * h)
+
+
 @pytest.fixture
 def reference() -> Callable[..., dict[str, Tensor]]:
     return loop_reference

@@ -3,11 +3,10 @@ engine evaluates it, also where one module object is registered under two names.
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import pytest
 import torch
+from conftest import central_differences
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -62,21 +61,6 @@ def test_a_module_under_two_names_is_left_in_place(targets, verify, method):
     for label, value in sens.items():
         torch.testing.assert_close(value, central_differences(model, label, x), rtol=1e-6, atol=1e-8)
     assert_untouched(model, before)
-
-
-def central_differences(model: nn.Module, label: str, x: Tensor, h: float = 1e-6) -> Tensor:
-    """d model(x) / d label by float64 central differences, on a copy of the model (``label``: ``name[i, j]``)."""
-    name, _, index = label.partition("[")
-    element = tuple(int(i) for i in index.rstrip("]").split(",")) if index else ()
-    outputs = []
-    for step in (-h, h):
-        moved = copy.deepcopy(model)
-        named = [*moved.named_parameters(remove_duplicate=False), *moved.named_buffers(remove_duplicate=False)]
-        tensor = dict(named)[name]
-        with torch.no_grad():
-            tensor[element] += step
-            outputs.append(moved(x))
-    return (outputs[1] - outputs[0]) / (2 * h)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1])
