@@ -193,7 +193,8 @@ class SensitivityAggregator(Metric):
         finite value. Under DDP every rank must call it; the reduced state lives only in what it returns."""
         n = self.count.to(self.sum.dtype)
         mean = self.sum / n
-        var = ((self.sum_squares - self.sum * mean) / (n - 1)).clamp_min(0)
+        difference = (self.sum_squares - self.sum * mean) / (n - 1)  # NaN for fewer than two values, as torch.std
+        var = torch.where(difference.isnan(), difference, spread(difference, self.sum_squares / (n - 1)).nan_to_num(0))
         state = {name: getattr(self, name) for name in _STATE}
         extra = {"mean": mean, "std": var.sqrt(), "abs_mean": self.abs_sum / n, "mean_square": self.sum_squares / n}
         return {**state, **extra}
@@ -234,20 +235,37 @@ _PER_TARGET = ("count", "nonfinite", "sum", "abs_sum", "sum_squares", "min", "ma
 _STATE = (*_PER_TARGET, "products", "product_sum", "product_count")
 
 
+#: A variance computed as ``E[s²] − E[s]²`` from sums below this fraction of ``E[s²]`` (times the dtype's ``eps``) is
+#: rounding, not spread: the values are constant as far as the sums can tell.
+_CANCELLATION = 1024.0
+
+
+def spread(variance: Tensor, mean_square: Tensor) -> Tensor:
+    """``variance`` (from sums of values and of squares) where the sums resolve it, else NaN: a difference of
+    sums cancels to rounding of order ``eps · E[s²]`` for values without spread (an offset, ``dy/db = 1``
+    everywhere), which would decide between a tiny variance, zero and a negative one."""
+    floor = _CANCELLATION * torch.finfo(variance.dtype).eps * mean_square
+    return torch.where(variance > floor, variance, torch.full_like(variance, math.nan))
+
+
 def correlation(products: Tensor, column_sum: Tensor, rows: Tensor) -> Tensor:
     """Pearson correlation ``[K, K]`` of the columns of ``S`` from its Gram matrix ``SᵀS``, column sums and
-    row count; NaN for a column without variance (or fewer than two rows).
+    row count; NaN in the row and column of a column without variance (constant values: no correlation is
+    defined), and everywhere with fewer than two rows.
 
     Example:
-        >>> s = torch.tensor([[1.0, 2.0], [2.0, 4.5], [3.0, 5.0]], dtype=torch.float64)
-        >>> torch.allclose(correlation(s.T @ s, s.sum(0), torch.tensor(3)), torch.corrcoef(s.T))
+        >>> s = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.5, 1.0], [3.0, 5.0, 1.0]], dtype=torch.float64)
+        >>> r = correlation(s.T @ s, s.sum(0), torch.tensor(3))
+        >>> torch.allclose(r[:2, :2], torch.corrcoef(s[:, :2].T))
         True
+        >>> r[2].isnan().all().item(), r[:, 2].isnan().all().item()  # the constant third column
+        (True, True)
     """
     n = rows.to(products.dtype).reshape(())
     mean = column_sum / n
     covariance = (products - n * torch.outer(mean, mean)) / (n - 1)
-    scale = covariance.diagonal().clamp_min(0).sqrt()
-    return covariance / torch.outer(scale, scale)
+    scale = spread(covariance.diagonal(), products.diagonal() / (n - 1)).sqrt()
+    return (covariance / torch.outer(scale, scale)).clamp(-1.0, 1.0)  # clamp keeps NaN; rounding past ±1 goes
 
 
 def collinearity(products: Tensor) -> Tensor:
@@ -269,7 +287,10 @@ def collinearity(products: Tensor) -> Tensor:
     if bool((norms == 0).any()) or not bool(torch.isfinite(gram).all()):
         return torch.tensor(math.inf, dtype=torch.float64)
     smallest: Tensor = torch.linalg.eigvalsh(gram / torch.outer(norms, norms))[0]
-    return smallest.clamp_min(0).rsqrt()
+    # an eigenvalue within rounding of zero (eps of the sums' dtype, per target) is zero: exactly dependent
+    # columns give inf, not whichever large number rounding left
+    floor = _CANCELLATION * torch.finfo(products.dtype).eps * gram.shape[0]
+    return torch.where(smallest > floor, smallest, torch.zeros_like(smallest)).rsqrt()
 
 
 class ProfileAggregator(Metric):
