@@ -91,7 +91,11 @@ class SensitivityMonitor(Callback):
             none), also compute central finite differences for every target (about two forward passes each,
             once per run) and compare. ``True`` / ``"error"``: raise
             :class:`~lightning_sensitivity.SensitivityCheckError` where they disagree, before the first
-            training step; ``"warn"``: warn once and go on; ``False``: no check.
+            training step; ``"warn"``: warn once and go on; ``False``: no check. Independently, at every batch,
+            a derivative that no AD mode carried while the output moves with its target (checked by finite
+            differences) raises :class:`~lightning_sensitivity.SensitivityCheckError` with ``True``,
+            ``"error"`` and ``False``; with ``"warn"`` it warns once per target and is logged as NaN (counted
+            in ``/nonfinite``). It is never logged as zeros.
         stages: where to run: ``"validate"`` (every validation epoch, tags ``<prefix>/...``), ``"test"``
             (``trainer.test``, tags ``<prefix>_test/...``) and ``"predict"`` (``trainer.predict``, which has no
             logger: read :meth:`summary` after it). ``sensitivity_step`` serves every stage.
@@ -209,6 +213,7 @@ class SensitivityMonitor(Callback):
         self._fused: FusedForward | None = None
         self._verified_before_fused = False
         self._warned_constant: set[str] = set()
+        self._warned_lost: set[str] = set()
         self._warned_rows = False
         self.epochs_logged = 0
         """Validation epochs whose statistics were logged, across resumes from checkpoints."""
@@ -494,7 +499,16 @@ class SensitivityMonitor(Callback):
             "on_check": on_check,
             "normalize": self.normalize,
             "agree": functools.partial(trainer.strategy.broadcast, src=0) if several_processes(trainer) else None,
+            "on_lost": self._on_lost if self.verify == "warn" else None,
         }
+
+    def _on_lost(self, error: SensitivityCheckError, labels: list[str]) -> None:
+        """``verify="warn"``: a derivative AD lost is logged as NaN (counted in ``/nonfinite``), with one warning per
+        target."""
+        new = [label for label in labels if label not in self._warned_lost]
+        if new:
+            self._warned_lost.update(new)
+            warnings.warn(f"{error} Its values are logged as NaN (counted in /nonfinite): verify='warn'.", stacklevel=2)
 
     def _disarm(self) -> FusedForward | None:
         fused, self._fused = self._fused, None

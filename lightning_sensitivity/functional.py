@@ -16,6 +16,7 @@ for many targets.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -220,6 +221,7 @@ def sensitivities_and_output(
     on_check: Callable[[list[Mismatch]], None] | None = None,
     normalize: Normalize = "none",
     agree: Callable[[str], str] | None = None,
+    on_lost: Callable[[SensitivityCheckError, list[str]], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """:func:`per_sample_sensitivities` for targets resolved beforehand (the callback resolves them once).
 
@@ -229,6 +231,9 @@ def sensitivities_and_output(
     targets that disagree (an empty list when all agree); the check sees the derivatives before ``normalize``.
     With ``agree``, the mode ``"auto"`` measured cheaper is passed through it, and its answer is used: the callback
     makes every process of a distributed run use rank 0's choice.
+    With ``on_lost``, a target whose derivative AD lost while the output moves with it (which raises
+    :class:`SensitivityCheckError` without it) comes out as NaN, and ``on_lost`` receives the error and the labels
+    of those targets instead.
     Returns the sensitivities and the output of the evaluation they came from (detached): the callback hands that
     output to a ``validation_step`` that asked for it (``_fused.py``).
     """
@@ -247,13 +252,15 @@ def sensitivities_and_output(
         plan = _PLANS[module] = _Plan(rnn=has_rnn(module), frequency_scaled=embeddings)
     model = Model(module, args, kwargs, function, api, running_stats=running_statistics(module, resolved, api))
     tensors = target_tensors(module, resolved)
+    losses = _Losses(on_lost)
     if uses_fsdp(module):
         with ShardedModel(model, resolved, tensors) as sharded:
-            sens, output = _differentiate_sharded(sharded, plan, method, chunk_size, api, on_check)
+            sens, output = _differentiate_sharded(sharded, plan, method, chunk_size, api, on_check, losses)
             values = sharded.values() if normalize != "none" else {}
     else:
         checker = FiniteDifferences(model, tensors) if on_check is not None else None  # before the model runs
-        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api, agree)
+        sens, output = _differentiate(model, plan, resolved, tensors, method, chunk_size, api, agree, losses)
+        losses.apply(sens)
         if checker is not None and on_check is not None:
             on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
         values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
@@ -265,6 +272,27 @@ def sensitivities_and_output(
         factor = theta if normalize == "parameter" else theta / output
         scaled[target.label] = factor * sens[target.label]
     return scaled, output
+
+
+class _Losses:
+    """What becomes of targets whose derivative AD lost while the output moves with them: without ``on_lost``, a
+    :class:`SensitivityCheckError`; with it, NaN for those targets, and ``on_lost`` gets the error."""
+
+    def __init__(self, on_lost: Callable[[SensitivityCheckError, list[str]], None] | None) -> None:
+        self.on_lost = on_lost
+        self.labels: set[str] = set()
+
+    def give_up(self, message: str, targets: Sequence[ResolvedTarget]) -> None:
+        error = SensitivityCheckError(message)
+        if self.on_lost is None:
+            raise error
+        labels = [t.label for t in targets]
+        self.on_lost(error, labels)
+        self.labels.update(labels)
+
+    def apply(self, sens: dict[str, Tensor]) -> None:
+        for label in self.labels:
+            sens[label] = torch.full_like(sens[label], math.nan)
 
 
 def choice_pending(
@@ -298,6 +326,7 @@ def _differentiate_sharded(
     chunk_size: int | None,
     api: str,
     on_check: Callable[[list[Mismatch]], None] | None,
+    losses: _Losses,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Forward mode for a model sharded with FSDP2: the tangents are given inside the forward of each target's
     managing module (``_sharded.py``). Every process runs the same evaluations (each is a collective)."""
@@ -329,8 +358,10 @@ def _differentiate_sharded(
         # every process must take the same way on: each evaluation of a sharded model is a collective
         lost = [(t, moved[t.label]) for t in todo if _any_process(moved[t.label] is not None, output.device)]
         if lost:
-            raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", ""))
-        plan.independent.update(t.label for t in todo)
+            losses.give_up(_lost_message(api, model, lost, "forward-mode AD", ""), [t for t, _ in lost])
+        given_up = {t.label for t, _ in lost}
+        plan.independent.update(t.label for t in todo if t.label not in given_up)
+    losses.apply(sens)
     if checker is not None and on_check is not None:
         on_check([m for t in sharded.resolved if (m := checker.check(t, sens[t.label])) is not None])
     return sens, output
@@ -355,7 +386,8 @@ def _differentiate(
     method: Method,
     chunk_size: int | None,
     api: str,
-    agree: Callable[[str], str] | None = None,
+    agree: Callable[[str], str] | None,
+    losses: _Losses,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Forward mode with its fallbacks, or per-sample reverse mode where ``"auto"`` measured it cheaper (many
     targets, few output elements), then batched reverse mode where forward mode cannot go; zeros where a
@@ -387,7 +419,7 @@ def _differentiate(
                     carried.add(target.label)  # alone: dual numbers already told a missing tangent from a zero
                 else:
                     candidates.append(target)
-        return _lost(model, plan, tensors, candidates, sens, rng)
+        return _lost(model, plan, tensors, candidates, sens, rng, losses)
 
     if unfaithful is None and _chooses(plan, method, resolved):
         if key not in plan.choices:
@@ -412,7 +444,8 @@ def _differentiate(
             if not lost:
                 return sens, output
             if method == "forward":
-                raise SensitivityCheckError(_lost_message(api, model, lost, "forward-mode AD", "Use method='auto'."))
+                losses.give_up(_lost_message(api, model, lost, "forward-mode AD", "Use method='auto'."), _of(lost))
+                return sens, output
             plan.reverse = True
             warnings.warn(
                 f"{api}: {_lost_message(api, model, lost, 'forward-mode AD', '')[len(api) + 2 :]}"
@@ -439,14 +472,18 @@ def _differentiate(
             lost = lost_of(sens, [], "per-sample reverse")
             if lost:
                 hint = "Use method='auto', which tries forward mode first."
-                raise SensitivityCheckError(_lost_message(api, model, lost, "reverse-mode AD", hint))
+                losses.give_up(_lost_message(api, model, lost, "reverse-mode AD", hint), _of(lost))
             return sens, output
     rng.restore()
     sens, missing, output = reverse(model, resolved, tensors, chunk_size)
     lost = lost_of(sens, missing, "reverse")
     if lost:
-        raise SensitivityCheckError(_lost_message(api, model, lost, "either AD mode", ""))
+        losses.give_up(_lost_message(api, model, lost, "either AD mode", ""), _of(lost))
     return sens, output
+
+
+def _of(lost: Sequence[tuple[ResolvedTarget, Tensor | None]]) -> list[ResolvedTarget]:
+    return [target for target, _ in lost]
 
 
 def _reverse_unfaithful(plan: _Plan, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> str | None:
@@ -563,6 +600,7 @@ def _lost(
     missing: list[ResolvedTarget],
     sens: dict[str, Tensor],
     rng: RandomState,
+    losses: _Losses,
 ) -> list[tuple[ResolvedTarget, Tensor]]:
     """The ``missing`` targets (no derivative reached the output) that the output moves with nonetheless,
     by central finite differences under the random state ``rng`` of the AD evaluation, with those differences.
@@ -580,13 +618,15 @@ def _lost(
             lost.append((target, moved))
         elif not differences.reaches(target):  # independent whatever the inputs: never checked again
             if differences.reaches_past_the_module(target):
-                raise SensitivityCheckError(
+                losses.give_up(
                     f"{model.runner.api}: the output of {model.name} depends on {target.label!r} through a reference "
                     "of its own (a functools.partial or a list holding the parameter, a view taken in __init__), not "
                     f"through the module's attribute {target.name!r}: the engine gives the derivative to the "
                     "attribute, so it would have been reported as zero. Read the tensor from the module inside "
-                    "forward (for example F.linear(x, self.layer.weight))."
+                    "forward (for example F.linear(x, self.layer.weight)).",
+                    [target],
                 )
+                continue
             plan.independent.add(target.label)
     return lost
 
