@@ -1,13 +1,15 @@
 """One forward pass for ``validation_step`` and the monitor: the step's own call of the model computes the
 sensitivities too.
 
-The monitor differentiates ``pl_module(batch[0])`` (or ``pl_module(batch)``). Most ``validation_step``\\ s make
-that very call, so evaluating it once more after the step would cost a second forward pass. While a batch is
-armed, the LightningModule's ``forward`` is replaced (on the instance, as Lightning's own forward redirection
-does) by a function that, called with exactly the batch's input, runs the sensitivity engine on it and returns
-the output the engine evaluated (the model's primal output: the same ops on the same values) to the step. Any
-other call goes to the model's own ``forward`` untouched, and the monitor computes the sensitivities after the
-step as before.
+The monitor differentiates the step's own call of the module with the batch's input as first argument:
+``pl_module(batch[0])`` (or ``pl_module(batch)``), or, where the step passes more, that call with all its
+arguments (``self(t, y0)``); ``pl_module(batch[0])`` alone where the step makes no such call. Most
+``validation_step``\\ s make that very call, so evaluating it once more after the step would cost a second forward
+pass. While a batch is armed, the LightningModule's ``forward`` is replaced (on the instance, as Lightning's own
+forward redirection does) by a function that watches the step's calls; the first with the batch's input runs the
+sensitivity engine on it and returns the output the engine evaluated (the model's primal output: the same ops on
+the same values) to the step. Other calls go to the model's own ``forward`` untouched; where the call cannot be
+taken over, the monitor differentiates it after the step.
 
 The call is only taken over where it cannot change what the step sees beyond float rounding (ops that forward
 mode routes differently, such as eval-mode batch norm by elementary ops): the module wholly in eval mode (no
@@ -24,6 +26,8 @@ it always has.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -36,15 +40,16 @@ from lightning_sensitivity._sharded import uses_fsdp
 
 _LOG = logging.getLogger("lightning_sensitivity")
 
-#: ``(sensitivities by label, output)`` from the engine, for the model's input.
-Compute = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
+#: ``(sensitivities by label, output)`` from the engine, for the positional and keyword arguments of a call.
+Compute = Callable[[tuple[Any, ...], dict[str, Any]], tuple[dict[str, Tensor], Tensor]]
 
 
-def model_input(batch: Any) -> Tensor | None:
-    """The input the monitor gives the model by default: the batch itself (a tensor) or its first element."""
+def model_input(batch: Any) -> Any:
+    """The input the monitor gives the model by default: the batch itself (a tensor) or its first element (of
+    any type: a graph of molecules, say); ``None`` for other batches."""
     if isinstance(batch, Tensor):
         return batch
-    if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], Tensor):
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
         return batch[0]
     return None
 
@@ -91,25 +96,57 @@ def _plain_context(device: torch.device) -> bool:
         return not (torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
 
 
+def _device(module: nn.Module) -> torch.device:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def taken_over(module: nn.Module) -> bool:
     """Whether ``forward`` is set on the instance (by another monitor's :class:`FusedForward`, or by anything
-    else): then it is left alone, and this monitor computes after the step."""
+    else): then it is left alone."""
     return "forward" in module.__dict__
 
 
+def watching(module: nn.Module) -> FusedForward | None:
+    """The :class:`FusedForward` that watches ``module``'s calls now (another monitor's), if any."""
+    owner = getattr(module.__dict__.get("forward"), "__self__", None)
+    return owner if isinstance(owner, FusedForward) else None
+
+
+#: A call of the module: its positional and keyword arguments.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
 class FusedForward:
-    """Takes over ``module.forward`` until it is called with ``model_input`` alone (or :meth:`disarm`); only
-    where it is not :func:`taken_over` already, so that giving it back is deleting the instance attribute.
+    """Watches ``module.forward`` during one step, until the step calls it with the batch's input ``model_input``
+    as first argument (or :meth:`disarm`): the calls before are kept in :attr:`calls`, and that call, in
+    :attr:`call`, is the one the monitor differentiates. With ``compute``, and where ``may_take(args, kwargs)``
+    allows, that call is taken over: it computes the sensitivities, and the step gets the output the engine
+    evaluated. Only where ``forward`` is not :func:`taken_over` already, so that giving it back is deleting the
+    instance attribute.
 
     Attributes:
+        calls: the step's calls of the module before :attr:`call` (none with ``model_input`` first).
+        call: the step's first call with ``model_input`` as first argument (positional, or bound to ``forward``'s
+            first parameter), once made.
         result: the engine's sensitivities, once the step's call gave them.
         failed: the engine's error, when the step's call tried and failed (the step got the model's own output).
     """
 
-    def __init__(self, module: nn.Module, model_input: Tensor, compute: Compute) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        model_input: Any,
+        compute: Compute | None = None,
+        may_take: Callable[[tuple[Any, ...], dict[str, Any]], bool] = lambda args, kwargs: True,
+    ) -> None:
         self.module = module
         self.input = model_input
         self.compute = compute
+        self.may_take = may_take
+        self.calls: list[Call] = []
+        self.call: Call | None = None
         self.result: dict[str, Tensor] | None = None
         self.failed: BaseException | None = None
         if taken_over(module):
@@ -127,16 +164,30 @@ class FusedForward:
         if self.armed:
             del self.module.__dict__["forward"]
 
+    def _first_argument(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            return args[0]
+        try:
+            bound = inspect.signature(self._original).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return None
+        return next(iter(bound.values()), None)
+
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs or len(args) != 1 or args[0] is not self.input or not _plain_context(self.input.device):
+        if self._first_argument(args, kwargs) is not self.input:
+            self.calls.append((args, kwargs))
             return self._original(*args, **kwargs)
-        if not can_fuse(self.module):  # checked at the call: the step may have changed a module's mode
+        self.disarm()  # the call to differentiate; the engine (and anything the model calls) sees its own forward
+        self.call = (args, kwargs)
+        device = _device(self.module)
+        if self.compute is None or not _plain_context(device) or not can_fuse(self.module):
+            return self._original(*args, **kwargs)  # can_fuse at the call: the step may have changed a module's mode
+        if not self.may_take(args, kwargs):
             return self._original(*args, **kwargs)
-        self.disarm()  # the engine (and anything the model calls) sees the model's own forward
-        start = RandomState(args[0].device)  # where the step's own call would draw its random numbers from
+        start = RandomState(device)  # where the step's own call would draw its random numbers from
         try:
             with recording(self.module) as evaluations:
-                sens, output = self.compute(args[0])
+                sens, output = self.compute(args, kwargs)
         except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
             _LOG.debug("the engine failed inside the step's call (%r); differentiating after the step", error)
             self.failed = error

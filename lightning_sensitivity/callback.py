@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_sensitivity._epoch import EpochRun, check_profile_size, several_processes
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
-from lightning_sensitivity._fused import FusedForward, model_input, taken_over
+from lightning_sensitivity._fused import Call, FusedForward, model_input, taken_over, watching
 from lightning_sensitivity._modes import RandomState
 from lightning_sensitivity._report import SCALARS, Report, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
@@ -211,6 +211,8 @@ class SensitivityMonitor(Callback):
         self._decided = False  # a batch was differentiated: verification done, the mode chosen
         self._fuse_failed = False  # the engine failed inside the step's own forward call: never again
         self._fused: FusedForward | None = None
+        self._owns_fused = False
+        self._warned_call = False
         self._verified_before_fused = False
         self._warned_constant: set[str] = set()
         self._warned_lost: set[str] = set()
@@ -463,28 +465,39 @@ class SensitivityMonitor(Callback):
             run.start(trainer, pl_module.device, len(self._resolved), self.buckets_per_octave)
 
     def _arm(self, stage: str, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
-        """Let the step's own call ``pl_module(batch[0])`` compute this batch's sensitivities (``_fused.py``),
-        where the monitor would differentiate exactly that call. Under several processes only once the first
-        batch took the decisions that are collectives (verification, the mode), so that every process makes
-        them at the same point."""
+        """Watch the step's calls of the module (``_fused.py``): the first with the batch's input as first argument
+        is the call to differentiate, and it computes this batch's sensitivities itself where nothing the step
+        sees can change. Under several processes only once the first batch took the decisions that are
+        collectives (verification, the mode), so that every process makes them at the same point."""
         self._disarm()
         run = self._runs[stage]
-        if self._fuse_failed or self._pending or run.dry_run or not self._wanted(run, dataloader_idx):
-            return
-        distributed = several_processes(trainer)
-        if distributed and not self._decided:
-            return
         module = trainer.lightning_module
         x = model_input(batch)
-        if x is None or callable(getattr(module, "sensitivity_step", None)) or taken_over(module):
+        if not self._wanted(run, dataloader_idx) or x is None or callable(getattr(module, "sensitivity_step", None)):
             return
-        if distributed and choice_pending(module, self._resolved, (x,), method=self.method):
+        if taken_over(module):  # another monitor watches the same calls: read them from its watch
+            self._fused, self._owns_fused = watching(module), False
             return
+        may_compute = not (self._fuse_failed or self._pending or run.dry_run)
+        compute = functools.partial(self._compute, stage, trainer) if may_compute else None
         self._verified_before_fused = self._verified
-        self._fused = FusedForward(module, x, functools.partial(self._compute, stage, trainer))
+        self._fused = FusedForward(module, x, compute, functools.partial(self._may_take, trainer))
+        self._owns_fused = True
 
-    def _compute(self, stage: str, trainer: Trainer, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        return sensitivities_and_output(trainer.lightning_module, self._resolved, (x,), **self._options(stage, trainer))
+    def _may_take(self, trainer: Trainer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether the step's call may compute the sensitivities: under several processes only once the decisions
+        that are collectives were taken (after the first batch, and the choice of mode for these inputs)."""
+        if not several_processes(trainer):
+            return True
+        pending = choice_pending(trainer.lightning_module, self._resolved, args, kwargs, method=self.method)
+        return self._decided and not pending
+
+    def _compute(
+        self, stage: str, trainer: Trainer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        return sensitivities_and_output(
+            trainer.lightning_module, self._resolved, args, kwargs, **self._options(stage, trainer)
+        )
 
     def _options(self, stage: str, trainer: Trainer) -> dict[str, Any]:
         """The engine's arguments for one batch; the first one is also checked against finite differences."""
@@ -512,7 +525,7 @@ class SensitivityMonitor(Callback):
 
     def _disarm(self) -> FusedForward | None:
         fused, self._fused = self._fused, None
-        if fused is not None:
+        if fused is not None and self._owns_fused:
             fused.disarm()
         return fused
 
@@ -533,9 +546,10 @@ class SensitivityMonitor(Callback):
             return
         if self._pending:
             self._resolve_lazily(run, trainer)
+        call = self._step_call(trainer, batch, fused)
         if run.dry_run:
             run.dry_run = False
-            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx, call)
             self._decided = True
             self._check_rows(trainer, batch, sens)
             if self.profiles_enabled:
@@ -544,15 +558,15 @@ class SensitivityMonitor(Callback):
         if run.aggregator is None:
             return
         run.batches[dataloader_idx] = run.batches.get(dataloader_idx, 0) + 1  # below max_batches: see _wanted
-        if fused is not None and fused.result is not None:
+        if fused is not None and self._owns_fused and fused.result is not None:
             sens = fused.result
         else:
-            if fused is not None and fused.failed is not None:
+            if fused is not None and self._owns_fused and fused.failed is not None:
                 # Done again here, where errors have always been reported, verification included; and from now
                 # on always here.
                 self._fuse_failed = True
                 self._verified = self._verified_before_fused
-            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx)
+            sens = self._differentiate(stage, trainer, batch, batch_idx, dataloader_idx, call)
         self._decided = True
         self._check_rows(trainer, batch, sens)
         keep = run.kept(dataloader_idx, batch, next(iter(sens.values())).shape[0])
@@ -576,18 +590,39 @@ class SensitivityMonitor(Callback):
         if run.active:
             run.start(trainer, pl_module.device, len(self._resolved), self.buckets_per_octave)
 
+    def _step_call(self, trainer: Trainer, batch: Any, fused: FusedForward | None) -> Call | None:
+        """The step's first call of the module with the batch's input first, which the monitor differentiates;
+        ``None`` where the step made none (then ``pl_module(batch[0])``, with one warning where the step called the
+        module otherwise)."""
+        if fused is None or fused.call is not None:
+            return None if fused is None else fused.call
+        if fused.calls and not self._warned_call:
+            self._warned_call = True
+            name = type(trainer.lightning_module).__name__
+            made, default = _describe(name, fused.calls[0]), _describe(name, ((model_input(batch),), {}))
+            rank_zero_warn(
+                f"{_API}: the step called {made}, never with the batch's input as first argument, so the monitor "
+                f"differentiates the default call {default}, at inputs the step did not use. Define "
+                f"`sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
+                "shaped [samples, ...] (for example the step's own call)."
+            )
+        return None
+
     def _differentiate(
-        self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int
+        self, stage: str, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int, call: Call | None
     ) -> dict[str, Tensor]:
         module = trainer.lightning_module  # never a strategy wrapper
         step = getattr(module, "sensitivity_step", None)
         function = None
+        kwargs: dict[str, Any] = {}
         if callable(step):
             function = step
             args: tuple[Any, ...] = (batch, batch_idx)
             # as Lightning passes it to validation_step: a third parameter of any name, or *args
             if is_param_in_hook_signature(step, "dataloader_idx", min_args=3):
                 args = (*args, dataloader_idx)
+        elif call is not None:  # the step's own call, with every argument it passed
+            args, kwargs = call
         elif isinstance(batch, Tensor):
             args = (batch,)
         elif isinstance(batch, (tuple, list)) and len(batch) > 0:
@@ -598,13 +633,17 @@ class SensitivityMonitor(Callback):
                 f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} to return the output to "
                 "differentiate, shaped [samples, ...] (for example `return self(batch['x'])`)."
             )
-        if function is None:
+        if function is None and call is None:
             _check_forward_takes(module, args)
         state = RandomState(module.device)  # the steps after this one draw what they would without the monitor
         try:
             sens, _ = sensitivities_and_output(
-                module, self._resolved, args, function=function, **self._options(stage, trainer)
+                module, self._resolved, args, kwargs, function=function, **self._options(stage, trainer)
             )
+        except Exception as error:
+            if function is not None or _ours(error):
+                raise
+            raise _in_default_call(error, type(module).__name__, (args, kwargs), call is not None) from error
         finally:
             state.restore()
         return sens
@@ -614,7 +653,12 @@ class SensitivityMonitor(Callback):
         samples: most likely a ``forward`` that expects the whole batch and indexed into ``batch[0]`` instead."""
         module = trainer.lightning_module
         x = model_input(batch)
-        if self._warned_rows or x is None or x.dim() == 0 or callable(getattr(module, "sensitivity_step", None)):
+        if (
+            self._warned_rows
+            or not isinstance(x, Tensor)
+            or x.dim() == 0
+            or callable(getattr(module, "sensitivity_step", None))
+        ):
             return
         rows = next(iter(sens.values())).shape[0]
         if rows != x.shape[0]:
@@ -746,6 +790,35 @@ def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None
             f"Define `sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
             "shaped [samples, ...] (for example `x, t, y = batch; return self(x, t)`)."
         ) from None
+
+
+def _describe(name: str, call: Call) -> str:
+    """``Name(Tensor[8, 3], t=Tensor[8])``: a call, with tensors by shape and other arguments by type."""
+
+    def one(value: Any) -> str:
+        return f"Tensor{list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+    args, kwargs = call
+    return f"{name}({', '.join([*map(one, args), *(f'{k}={one(v)}' for k, v in kwargs.items())])})"
+
+
+def _ours(error: BaseException) -> bool:
+    """Whether the engine raised ``error`` itself (its messages name the API), not the model."""
+    return isinstance(error, SensitivityCheckError) or str(error).startswith(_API)
+
+
+def _in_default_call(error: Exception, name: str, call: Call, the_steps: bool) -> Exception:
+    """``error`` from inside the model, in the call the monitor chose, with that call and the way out added."""
+    which = "the step's call" if the_steps else "the default call"
+    message = (
+        f"{_API}: {which} {_describe(name, call)} failed inside the model: {type(error).__name__}: {error}. If that "
+        f"is not how {name} computes the output to differentiate, define `sensitivity_step(self, batch, batch_idx)` "
+        f"on {name} to return it, shaped [samples, ...] (for example `return self(batch[0], batch[1])`)."
+    )
+    try:
+        return type(error)(message)
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+        return RuntimeError(message)
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -190,7 +190,7 @@ def test_an_engine_failure_in_the_step_gives_the_step_the_models_own_output():
     model = Counted().eval()
     x = torch.randn(5, 2)
 
-    def fails(_: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def fails(args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], Tensor]:
         raise RuntimeError("no formula")
 
     fused = FusedForward(model, x, fails)
@@ -209,11 +209,11 @@ def test_the_step_gets_the_primal_output_and_the_monitor_its_tangent():
     model = Counted().eval()
     x = torch.randn(6, 2)
 
-    def compute(inp: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def compute(args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], Tensor]:
         from lightning_sensitivity._targets import resolve_targets
         from lightning_sensitivity.functional import sensitivities_and_output
 
-        return sensitivities_and_output(model, resolve_targets(model, TARGETS, "test"), (inp,))
+        return sensitivities_and_output(model, resolve_targets(model, TARGETS, "test"), args, kwargs)
 
     fused = FusedForward(model, x, compute)
     with torch.inference_mode():
