@@ -15,13 +15,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-_TARGET_RE = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<index>[^\[\]]*)\])?\s*$")
+_BRACKETED = re.compile(r"\[[^\]]*\]")
 _GLOB_CHARS = frozenset("*?")
 _COMPILED = "_orig_mod."
 
@@ -55,14 +55,20 @@ def _label(name: str, index: tuple[int, ...] | None) -> str:
     return f"{name}[{', '.join(str(i) for i in index)}]"
 
 
-def _parse(text: str, api: str) -> tuple[str, tuple[int, ...] | None]:
-    match = _TARGET_RE.match(text)
-    if match is None:
+def _parse(text: str, api: str, names: Container[str] = ()) -> tuple[str, tuple[int, ...] | None]:
+    """``(name, index)`` of a target: a name (any text ``named_parameters()`` can give, spaces and brackets
+    included when it is one of ``names``), optionally followed by one index in brackets."""
+    stripped = text.strip()
+    name, raw_index = stripped, None
+    if stripped not in names and stripped.endswith("]") and "[" in stripped:
+        start = stripped.rindex("[")
+        name, raw_index = stripped[:start].rstrip(), stripped[start + 1 : -1]
+    unbalanced = (name not in names and ("[" in name or "]" in name)) or "]" in (raw_index or "")
+    if not name or unbalanced:
         raise ValueError(
             f"{api}: cannot parse target {text!r}; write a dotted name such as 'C' or 'blocks.*.alpha', "
             "optionally followed by one index in brackets such as 'net.0.weight[3, 1]'."
         )
-    name, raw_index = match.group("name"), match.group("index")
     if raw_index is None:
         return name, None
     parts = [p.strip() for p in raw_index.split(",")]
@@ -155,10 +161,32 @@ def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None
     return tuple(normalised)
 
 
+def _several(text: str) -> list[str] | None:
+    """The targets a string holds when it is a comma-separated list (``"K, r"``: commas outside brackets)."""
+    if "," not in _BRACKETED.sub("", text):
+        return None
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
 def target_list(targets: str | Sequence[str], api: str) -> list[str]:
     """``targets`` as a non-empty list of strings (one string is a list of one), or a ``TypeError`` /
-    ``ValueError`` prefixed with ``api``."""
+    ``ValueError`` prefixed with ``api``; a single string that is a comma-separated list (``"K, r"``, as YAML's
+    ``targets: K, r`` gives) is refused with the list to write instead."""
     if isinstance(targets, str):
+        parts = _several(targets)
+        if parts is not None:
+            raise ValueError(
+                f"{api}: targets takes a list of targets, one per element; got the single string {targets!r}. "
+                f"Write {parts!r} (in YAML: targets: [{', '.join(parts)}])."
+            )
         targets = [targets]
     if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"{api}: targets must be a string or a list of strings; got {targets!r}.")
@@ -197,16 +225,21 @@ def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -
     resolved: list[ResolvedTarget] = []
     seen: dict[tuple[str, tuple[int, ...]], tuple[str, str]] = {}
     for text in targets:
-        given, index = _parse(text, api)
-        if _GLOB_CHARS & set(given):
+        given, index = _parse(text, api, aliases)
+        if given in aliases:
+            matches = [(_display(given), aliases[given])]
+        elif _GLOB_CHARS & set(given):
             matches = [(d, n) for d, n in shown.items() if any(fnmatch.fnmatchcase(x, given) for x in (d, n))]
             if not matches:
                 raise ValueError(
                     f"{api}: target {text!r} matches no parameter or buffer of {owner}"
                     + _suggest(text, given, list(shown), index)
                 )
-        elif given in aliases:
-            matches = [(_display(given), aliases[given])]
+        elif (parts := _several(text)) is not None:
+            raise ValueError(
+                f"{api}: {text!r} is not a parameter or buffer of {owner}; it reads as several targets in one "
+                f"string: targets takes a list, {parts!r}."
+            )
         else:
             raise ValueError(
                 f"{api}: {text!r} is not a parameter or buffer of {owner}" + _suggest(text, given, list(shown), index)

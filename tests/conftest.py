@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-_LABEL = re.compile(r"^(?P<name>[^\[]+)(?:\[(?P<index>[^\]]*)\])?$")
+
+def split_label(label: str) -> tuple[str, tuple[int, ...] | None]:
+    """``name[i, j]`` -> ``(name, (i, j))``; ``name`` -> ``(name, None)`` (a name may hold brackets itself)."""
+    if not label.endswith("]"):
+        return label, None
+    start = label.rindex("[")
+    return label[:start], tuple(int(i) for i in label[start + 1 : -1].split(","))
 
 
 def loop_reference(module: nn.Module, labels: list[str], args: tuple, kwargs: dict | None = None) -> dict[str, Tensor]:
@@ -21,9 +26,7 @@ def loop_reference(module: nn.Module, labels: list[str], args: tuple, kwargs: di
     kwargs = kwargs or {}
     result = {}
     for label in labels:
-        match = _LABEL.match(label)
-        name, raw = match.group("name"), match.group("index")
-        index = tuple(int(i) for i in raw.split(",")) if raw else None
+        name, index = split_label(label)
         clone = copy.deepcopy(module)
         named = [*clone.named_parameters(remove_duplicate=False), *clone.named_buffers(remove_duplicate=False)]
         tensor = dict(named)[name]
@@ -42,8 +45,8 @@ def loop_reference(module: nn.Module, labels: list[str], args: tuple, kwargs: di
 
 def central_differences(model: nn.Module, label: str, x: Tensor, h: float = 1e-6) -> Tensor:
     """d model(x) / d label by float64 central differences, on a copy of the model (``label``: ``name[i, j]``)."""
-    name, _, index = label.partition("[")
-    element = tuple(int(i) for i in index.rstrip("]").split(",")) if index else ()
+    name, index = split_label(label)
+    element = () if index is None else index
     outputs = []
     for step in (-h, h):
         moved = copy.deepcopy(model)

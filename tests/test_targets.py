@@ -100,3 +100,52 @@ def test_suggestions_keep_the_index_and_apply_to_globs():
     with pytest.raises(ValueError) as info:
         resolve_targets(Blocks(), "blocks.*.alpah", "api")
     assert "matches no parameter" in str(info.value)
+
+
+class Named(nn.Module):
+    """Layers named as scvi-tools names them (``Layer 0``: a space) and with brackets in a name."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleDict({"Layer 0": nn.Linear(3, 4), "Layer 1": nn.Linear(4, 2)})
+        self.odd = nn.ModuleDict({"x[1]": nn.Linear(2, 2)})
+
+    def forward(self, x):
+        return self.odd["x[1]"](self.enc["Layer 1"](torch.tanh(self.enc["Layer 0"](x))))
+
+
+def test_every_name_named_parameters_gives_is_a_target_and_labels_round_trip(reference):
+    torch.manual_seed(0)
+    model = Named().eval()
+    x = torch.randn(5, 3)
+    given = ["enc.Layer 0.weight[1, -1]", "enc.Layer 1.bias [0]", "odd.x[1].weight[0, 1]", "enc.Layer 1.weight[1, 2]"]
+    sens = per_sample_sensitivities(model, given, (x,))
+    assert list(sens) == [
+        "enc.Layer 0.weight[1, 2]",
+        "enc.Layer 1.bias[0]",
+        "odd.x[1].weight[0, 1]",
+        "enc.Layer 1.weight[1, 2]",
+    ]
+    again = per_sample_sensitivities(model, list(sens), (x,))  # a label is a target
+    expected = reference(model, list(sens), (x,))
+    for label in sens:
+        torch.testing.assert_close(again[label], sens[label])
+        torch.testing.assert_close(sens[label], expected[label], rtol=1e-5, atol=1e-6)
+    assert labels(model, ["enc.*.bias[0]"]) == ["enc.Layer 0.bias[0]", "enc.Layer 1.bias[0]"]
+
+
+@pytest.mark.parametrize("text", ["K,r", "K, r", " K , r[0, 1] "])
+def test_a_comma_separated_string_is_refused_with_the_list_to_write(text):
+    from lightning_sensitivity import SensitivityMonitor
+
+    expected = ["K", "r"] if "[" not in text else ["K", "r[0, 1]"]
+    with pytest.raises(ValueError, match="targets takes a list") as error:
+        SensitivityMonitor(targets=text)
+    assert repr(expected) in str(error.value)
+    model = Net()
+    with pytest.raises(ValueError, match="targets takes a list"):
+        per_sample_sensitivities(model, text, (torch.ones(2, 3),))
+    with pytest.raises(
+        ValueError, match=r"several targets in one string: targets takes a list, \['C', 'fc.bias\[0\]'\]"
+    ):
+        per_sample_sensitivities(model, ["C, fc.bias[0]"], (torch.ones(2, 3),))
