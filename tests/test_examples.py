@@ -43,7 +43,8 @@ def test_oscillator_from_yaml_prints_table_and_where_to_look(tmp_path):
     assert "mean |dy/dθ|" in out
     for target in ("k", "c", "m", "correction.2.weight[0, 3]"):
         assert any(line.startswith(f"{target}  ") for line in out.splitlines()), target
-    assert "Correlation of the sensitivities to k and c: " in out  # the identifiability check
+    assert "Correlation of the sensitivities to k and c (both fitted): " in out  # the identifiability check
+    assert "m (fixed)" in out and "only a combination of k and m is determined" in out
     assert "Most correlated pair: " in out
     for target in ("k", "c", "m"):  # profiles along the trajectory
         assert f"  {target}: mean |d(position)/d{target}| peaks at time step " in out, target

@@ -33,24 +33,38 @@ def sensitivity_table(monitor: SensitivityMonitor) -> str:
     return "\n".join(lines)
 
 
-def identifiability(monitor: SensitivityMonitor, a: str, b: str) -> list[str]:
-    """The correlation of the sensitivities to ``a`` and ``b``, and the most correlated pair of all targets: near
-    ±1, the data cannot tell the two apart (an identifiability check)."""
+def identifiability(monitor: SensitivityMonitor, model, a: str, b: str) -> list[str]:
+    """The correlation of the sensitivities to ``a`` and ``b``, and the most correlated pair of all targets. Two
+    constants whose sensitivities correlate near ±1 move the trajectory the same way: the data determine only a
+    combination of them (for k and m, the ratio k/m), not each one."""
     labels, matrix = monitor.correlation()
+    fitted = {name for name, p in model.named_parameters() if p.requires_grad}
 
-    def verdict(r: float) -> str:
-        return "hard to tell apart from this data" if abs(r) > 0.9 else "distinguishable from this data"
+    def role(label: str) -> str:
+        return "fitted" if label.split("[")[0] in fitted else "fixed"
+
+    def verdict(x: str, y: str, r: float) -> str:
+        if abs(r) <= 0.9:
+            return "the trajectory tells them apart"
+        return f"they move the trajectory alike: only a combination of {x} and {y} is determined by this data"
 
     lines = []
     if a in labels and b in labels:
         r = float(matrix[labels.index(a), labels.index(b)])
-        lines.append(f"Correlation of the sensitivities to {a} and {b}: {r:+.3f} ({verdict(r)})")
+        lines.append(f"Correlation of the sensitivities to {a} and {b} (both fitted): {r:+.3f} ({verdict(a, b, r)})")
     pairs = [(abs(float(matrix[i, j])), i, j) for i in range(len(labels)) for j in range(i)]
     finite = [p for p in pairs if p[0] == p[0]]  # NaN where a target had no effect
     if finite:
         _, i, j = max(finite)
-        r = float(matrix[i, j])
-        lines.append(f"Most correlated pair: {labels[j]} and {labels[i]}: {r:+.3f} ({verdict(r)})")
+        x, y, r = labels[j], labels[i], float(matrix[i, j])
+        lines.append(
+            f"Most correlated pair: {x} ({role(x)}) and {y} ({role(y)}): {r:+.3f} ({verdict(x, y, r)}"
+            + (
+                f"; {x if role(x) == 'fixed' else y} is held fixed here, so the fit is not affected)"
+                if "fixed" in (role(x), role(y))
+                else ")"
+            )
+        )
     return lines
 
 
@@ -85,7 +99,7 @@ class SensitivityCLI(LightningCLI):
             return
         monitor = monitors[0]
         print(sensitivity_table(monitor))
-        for line in identifiability(monitor, "k", "c"):
+        for line in identifiability(monitor, model, "k", "c"):
             print(line)
         if monitor.profiles_enabled:
             print("Profiles along the trajectory:")
