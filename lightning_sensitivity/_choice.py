@@ -1,30 +1,34 @@
 """Which way ``method="auto"`` goes for several targets: forward mode, about one tangent pass per target, or
 per-sample reverse mode, about one backward pass per output element of a sample. Measured once per module and
-:func:`signature` (``functional._Plan.choices``), on probes that cost about one forward-mode pass.
+:func:`signature` (``Plan.choices``), on probes that cost about one forward-mode pass, timed by the
+:class:`~lightning_sensitivity._plans.Plans`' timer (wall-clock time, or one a test hands in).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_sensitivity._kernels import forward_ad_kernels
-from lightning_sensitivity._modes import Model, Result, forward, reverse
+from lightning_sensitivity._model import Model, Result
+from lightning_sensitivity._modes import forward, reverse
 from lightning_sensitivity._per_sample import per_sample_reverse
+from lightning_sensitivity._plans import Timer
 from lightning_sensitivity._refusals import culprit, is_unsupported
 from lightning_sensitivity._targets import ResolvedTarget
 
-if TYPE_CHECKING:
-    from lightning_sensitivity.functional import _Plan
-
 _LOG = logging.getLogger("lightning_sensitivity")
+
+#: Targets the forward-mode probe pushes (its time is scaled to all of them).
+_PROBED_TARGETS = 8
+#: Samples the second per-sample reverse probe differentiates (its time is scaled to the batch).
+_PROBED_SAMPLES = 64
 
 
 def signature(model: Model, resolved: Sequence[ResolvedTarget]) -> tuple[Any, ...]:
@@ -36,14 +40,14 @@ def signature(model: Model, resolved: Sequence[ResolvedTarget]) -> tuple[Any, ..
     return model.name, tuple(t.label for t in resolved), shapes
 
 
-def choose(model: Model, plan: _Plan, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> str:
-    """Forward mode costs about one tangent pass per target, per-sample reverse mode about one backward pass per
-    output element of a sample: time forward mode on a few targets and every sample, and reverse mode on every
-    target and a few samples, then extrapolate. Both probes must agree where they overlap, or forward mode (the
-    one that detects lost derivatives) is kept."""
-    k = min(len(resolved), 8)
+def choose(model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor], timer: Timer) -> str:
+    """``"forward"`` or ``"per-sample reverse"``, whichever the probes find cheaper: forward mode on a few targets
+    and every sample, reverse mode on every target and a few samples, extrapolated. Both must agree where they
+    overlap, or forward mode (the one that detects lost derivatives) is kept."""
+    plan = model.plan
+    k = min(len(resolved), _PROBED_TARGETS)
 
-    def probe_forward() -> tuple[dict[str, Tensor], list[ResolvedTarget], Tensor]:
+    def probe_forward() -> Result:
         with forward_ad_kernels(plan.safe_kernels, rnn=plan.rnn):
             return forward(model, resolved[:k], tensors, None, plan.vectorise)
 
@@ -53,84 +57,44 @@ def choose(model: Model, plan: _Plan, resolved: Sequence[ResolvedTarget], tensor
     except (NotImplementedError, RuntimeError) as error:
         if not is_unsupported(error):
             raise
-        probe = None  # an op without a forward formula (or vmap rule) in this model
-        output = model.plain()
+        probe, output = None, model.plain()  # an op without a forward formula (or vmap rule) in this model
     batch = output.shape[0]
     per_sample = max(1, output[0].numel()) if batch else 1
     if probe is not None and len(resolved) <= per_sample:
         # A backward pass costs at least a tangent pass: O of them per sample cannot beat K <= O tangent passes,
         # and the probe itself (O backward passes vectorised over samples) can take far more memory.
-        _LOG.debug(
-            "%s: forward mode for %d targets and output %s (no more targets than output elements per sample)",
-            model.name,
-            len(resolved),
-            tuple(output.shape),
-        )
-        return "forward"
-    forward_time = timed(probe_forward, model.device, warm_up=False)[1] if probe is not None else math.inf
-    forward_cost = forward_time * len(resolved) / k
+        return _chose(model, "forward", resolved, output, "no more targets than output elements per sample")
+    forward_cost = timer("forward", probe_forward)[1] * len(resolved) / k if probe is not None else math.inf
     try:
         # One sample first: a bound on the cost of every sample (vectorising only makes it cheaper); a closer
         # estimate from 64 samples only where the bound does not already rule reverse mode out, so that the
         # probes cost at most about one forward-mode pass.
-        _, one_time = timed(
-            lambda: per_sample_reverse(first_samples(model, batch, 1), resolved, tensors, None), model.device
-        )
+        one = first_samples(model, batch, 1)
+        _, one_time = timer("per-sample reverse, one sample", lambda: per_sample_reverse(one, resolved, tensors, None))
         if one_time * batch > 8 * forward_cost:
-            _LOG.debug(
-                "%s: forward mode for %d targets and output %s (estimated %.3g s forward, per-sample "
-                "reverse above %.3g s)",
-                model.name,
-                len(resolved),
-                tuple(output.shape),
-                forward_cost,
-                one_time * batch,
-            )
-            return "forward"
-        samples = min(batch, 64)
-        (reversed_, _, _), reverse_time = timed(
-            lambda: per_sample_reverse(first_samples(model, batch, samples), resolved, tensors, None),
-            model.device,
-            warm_up=False,
+            why = f"estimated {forward_cost:.3g} s forward, per-sample reverse above {one_time * batch:.3g} s"
+            return _chose(model, "forward", resolved, output, why)
+        samples = min(batch, _PROBED_SAMPLES)
+        some = first_samples(model, batch, samples)
+        (reversed_, _, _), reverse_time = timer(
+            "per-sample reverse", lambda: per_sample_reverse(some, resolved, tensors, None)
         )
     except Exception as error:  # noqa: BLE001 - any refusal (vmap, a layer that needs a batch): forward mode
         plan.per_sample = False
-        _LOG.debug("%s: forward mode (per-sample reverse mode refused: %s)", model.name, culprit(error))
-        return "forward"
+        return _chose(model, "forward", resolved, output, f"per-sample reverse mode refused: {culprit(error)}")
     reverse_cost = reverse_time * batch / samples
     if probe is not None:
         agree = all(close(reversed_[t.label], probe[t.label][:samples]) for t in resolved[:k])
     else:  # no forward-mode probe to compare with: batched reverse mode on the first samples
         agree = per_sample_agrees(model, resolved, tensors)
     choice = "per-sample reverse" if agree and reverse_cost < forward_cost else "forward"
-    _LOG.debug(
-        "%s: %s for %d targets and output %s (estimated %.3g s forward, %.3g s per-sample reverse%s)",
-        model.name,
-        choice,
-        len(resolved),
-        tuple(output.shape),
-        forward_cost,
-        reverse_cost,
-        "" if agree else "; the two modes disagree on the probe",
-    )
+    why = f"estimated {forward_cost:.3g} s forward, {reverse_cost:.3g} s per-sample reverse"
+    return _chose(model, choice, resolved, output, why if agree else f"{why}; the two modes disagree on the probe")
+
+
+def _chose(model: Model, choice: str, resolved: Sequence[ResolvedTarget], output: Tensor, why: str) -> str:
+    _LOG.debug("%s: %s for %d targets and output %s (%s)", model.name, choice, len(resolved), tuple(output.shape), why)
     return choice
-
-
-def timed(fn: Callable[[], Result], device: torch.device, warm_up: bool = True) -> tuple[Result, float]:
-    """``fn()`` and the seconds it took (run twice with ``warm_up``: the first run is not timed)."""
-    if warm_up:
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def synchronize(device: torch.device) -> None:
-    accelerator = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if accelerator is not None and hasattr(accelerator, "synchronize"):
-        accelerator.synchronize()
 
 
 def close(a: Tensor, b: Tensor) -> bool:
@@ -156,6 +120,4 @@ def first_samples(model: Model, batch: int, samples: int) -> Model:
 
     leaves, spec = tree_flatten(model.inputs)  # views: the model made here copies them where it must
     args, kwargs = tree_unflatten([cut(x) for x in leaves], spec)
-    sub = Model(model.module, args, kwargs, None, model.runner.api, running_stats=model.running_stats)
-    sub.runner, sub.name = model.runner, model.name  # the same function (sensitivity_step) and output checks
-    return sub
+    return model.on(args, kwargs)

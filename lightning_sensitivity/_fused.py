@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sensitivity._modes import RandomState, recording
+from lightning_sensitivity._model import RandomState, recording
 from lightning_sensitivity._sharded import uses_fsdp
 
 _LOG = logging.getLogger("lightning_sensitivity")

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_sensitivity._modes import Model, Result
+from lightning_sensitivity._model import Model, Result
 from lightning_sensitivity._targets import ResolvedTarget
 
 #: Cotangents (output elements) pushed back at once per sample.

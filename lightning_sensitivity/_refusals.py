@@ -8,8 +8,6 @@ import os
 
 import torch
 
-import lightning_sensitivity
-
 # Messages of errors that mean "this op or function has no forward-mode (or vmap) rule".
 _UNSUPPORTED_MARKERS = (
     "forward ad",
@@ -25,7 +23,7 @@ _UNSUPPORTED_MARKERS = (
 
 
 #: Code of these packages is never "the line of the model that called the op" in messages.
-_LIBRARY_ROOTS = tuple(os.path.dirname(p.__file__ or "") + os.sep for p in (torch, lightning_sensitivity))
+_LIBRARY_ROOTS = (os.path.dirname(torch.__file__ or "") + os.sep, os.path.dirname(__file__) + os.sep)
 
 
 def culprit(error: BaseException) -> str:

@@ -25,9 +25,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from lightning_sensitivity._modes import _INDEPENDENT, Model, RandomState, Result, _fresh, _writable
+from lightning_sensitivity._model import Model, RandomState, Result, fresh, writable
+from lightning_sensitivity._modes import INDEPENDENT
 from lightning_sensitivity._targets import ResolvedTarget
-from lightning_sensitivity._verify import FiniteDifferences
+from lightning_sensitivity._verify import FiniteDifferences, stepped
 
 try:  # public in torch >= 2.6
     from torch.distributed.fsdp import FSDPModule
@@ -274,14 +275,14 @@ class ShardedModel:
 
         def make(p: Tensor) -> Tensor:
             with torch.enable_grad():
-                leaf = _writable(p.detach()).requires_grad_(True)
+                leaf = writable(p.detach()).requires_grad_(True)
                 tangent = torch.zeros_like(leaf)
                 tangent[target.index] = 1
                 dual: Tensor = fwAD.make_dual(leaf, tangent)  # type: ignore[no-untyped-call]
                 return dual
 
         with torch.inference_mode(False), fwAD.dual_level(), torch.set_grad_enabled(grad):
-            args, kwargs = _writable(self.model.args), _writable(self.model.kwargs)
+            args, kwargs = writable(self.model.args), writable(self.model.kwargs)
             output = self.evaluate({target.name: self._recording(target.name, make)}, args, kwargs)
             primal, tangent = fwAD.unpack_dual(output)  # type: ignore[no-untyped-call]
             return primal.detach(), None if tangent is None else tangent.detach()
@@ -332,7 +333,7 @@ class ShardedModel:
                 pairs = [output_and_tangent(eye[k]) for k in range(len(part))]
                 output, columns = pairs[0][0], torch.stack([tangent for _, tangent in pairs])
         except RuntimeError as error:
-            if _INDEPENDENT not in str(error):
+            if INDEPENDENT not in str(error):
                 raise
             return self.evaluate({}).detach(), None  # in the caller's grad mode: the model may need it
         return output.detach(), columns
@@ -359,25 +360,17 @@ class ShardedFiniteDifferences(FiniteDifferences):
         return self._evaluate_with({})
 
     def _evaluate_with(self, make: dict[str, Maker]) -> Tensor:
-        after = RandomState(self.model.device)
-        self.rng.restore()
-        try:
-            out = self.sharded.evaluate(make, args=_fresh(self.args), kwargs=_fresh(self.kwargs))
-        finally:
-            after.restore()
+        with self.rng.replayed():
+            out = self.sharded.evaluate(make, args=fresh(self.args), kwargs=fresh(self.kwargs))
         return out.detach().double()
 
     def moved(self, target: ResolvedTarget) -> tuple[Tensor, Tensor, float, float]:
         steps: dict[int, float] = {}
 
         def mover(sign: int) -> Maker:
-            def make(p: Tensor) -> Tensor:
-                moved = p.detach().clone()
-                theta = float(moved[target.index])
-                h = torch.finfo(p.dtype).eps ** (1 / 3) * (abs(theta) if theta != 0 else 1.0)
-                moved[target.index] = theta + sign * h
-                steps[sign] = abs(float(moved[target.index]) - theta)
-                return moved
+            def make(p: Tensor) -> Tensor:  # the step of the unsharded check, from the gathered parameter
+                down, up, steps[-1], steps[1] = stepped(p, target.index)
+                return down if sign < 0 else up
 
             return make
 

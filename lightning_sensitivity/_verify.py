@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_sensitivity._modes import Model, RandomState, _fresh
+from lightning_sensitivity._model import Model, RandomState, fresh
 from lightning_sensitivity._targets import ResolvedTarget
 
 #: Rounding noise forgiven per output element, in units of ``eps * |y| / h``: an output of a deep network
@@ -101,20 +101,16 @@ class FiniteDifferences:
     def __init__(self, model: Model, tensors: dict[str, Tensor], rng: RandomState | None = None) -> None:
         self.model = model
         self.tensors = tensors
-        self.args, self.kwargs = _fresh((model.args, model.kwargs))
+        self.args, self.kwargs = fresh((model.args, model.kwargs))
         #: the random state of every evaluation: ``rng`` (that of the AD evaluation to confirm), else the current
         self.rng = RandomState(model.device) if rng is None else rng
         self._base: Tensor | None = None
 
     def evaluate(self, replaced: dict[str, Tensor]) -> Tensor:
         """The output, in float64, with ``replaced`` in place of the module's tensors."""
-        after = RandomState(self.model.device)
-        self.rng.restore()
-        try:
-            args, kwargs = _fresh((self.args, self.kwargs))
+        with self.rng.replayed():
+            args, kwargs = fresh((self.args, self.kwargs))
             out: Tensor = self.model(replaced, args=args, kwargs=kwargs)
-        finally:
-            after.restore()
         return out.detach().double()
 
     def base(self) -> Tensor:
@@ -124,23 +120,11 @@ class FiniteDifferences:
 
     def moved(self, target: ResolvedTarget) -> tuple[Tensor, Tensor, float, float]:
         """Outputs at ``θ - h`` and ``θ + h`` and the realised steps down and up."""
-        tensor = self.tensors[target.name].detach()
-        theta = float(tensor[target.index])
-        if not math.isfinite(theta):
+        down, up, step_down, step_up = stepped(self.tensors[target.name], target.index)
+        if not (step_down > 0 and step_up > 0):
             nan = torch.full_like(self.base(), math.nan)
             return nan, nan, math.nan, math.nan
-        h = torch.finfo(tensor.dtype).eps ** (1 / 3) * (abs(theta) if theta != 0 else 1.0)
-        for _ in range(64):  # a step that rounds to nothing (subnormal θ) grows until it is represented
-            down, up = tensor.clone(), tensor.clone()
-            down[target.index] = theta - h
-            up[target.index] = theta + h
-            step_down, step_up = theta - float(down[target.index]), float(up[target.index]) - theta
-            if step_down > 0 and step_up > 0:
-                break
-            h *= 2
-        y_down = self.evaluate({target.name: down})
-        y_up = self.evaluate({target.name: up})
-        return y_down, y_up, step_down, step_up
+        return self.evaluate({target.name: down}), self.evaluate({target.name: up}), step_down, step_up
 
     def check(self, target: ResolvedTarget, ad: Tensor) -> Mismatch | None:
         """Compare ``ad`` (``[B, *out]``, the target's AD sensitivities) with finite differences; ``None`` when
@@ -216,6 +200,26 @@ class FiniteDifferences:
     def _turned_nan(self, output: Tensor) -> bool:
         """Whether an output element is NaN that is not NaN at the target's own value."""
         return bool((output.isnan() & ~self.base().isnan()).any())
+
+
+def stepped(tensor: Tensor, index: tuple[int, ...]) -> tuple[Tensor, Tensor, float, float]:
+    """Copies of ``tensor`` with the element at ``index`` moved down and up by the central-difference step, and
+    the steps realised in its dtype, ``θ - (θ - h)`` and ``(θ + h) - θ`` (NaN for a non-finite θ). ``h`` is
+    ``eps^(1/3) |θ|`` (``eps^(1/3)`` at θ = 0), grown until it is represented (a subnormal θ, bf16)."""
+    base = tensor.detach()
+    theta = float(base[index])
+    if not math.isfinite(theta):
+        return base, base, math.nan, math.nan
+    h = torch.finfo(base.dtype).eps ** (1 / 3) * (abs(theta) if theta != 0 else 1.0)
+    for _ in range(64):
+        down, up = base.clone(), base.clone()
+        down[index] = theta - h
+        up[index] = theta + h
+        step_down, step_up = theta - float(down[index]), float(up[index]) - theta
+        if step_down > 0 and step_up > 0:
+            break
+        h *= 2
+    return down, up, step_down, step_up
 
 
 def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:

@@ -339,7 +339,7 @@ def test_memory_does_not_grow_with_the_validation_set(tmp_path):
         t = trainer(tmp_path / str(n), monitor)
         val = physics_data(n, seed=8)
         t.validate(Physics(), DataLoader(val, batch_size=64))
-        state = monitor._runs["validate"].aggregator.metric_state
+        state = monitor._stages["validate"].epoch.aggregator.metric_state
         sizes[n] = sum(v.numel() * v.element_size() for v in state.values())
         histograms, _ = read_events(t.logger.log_dir)
         assert histograms["sensitivity/C"][0].histogram_value.num == 3 * n

@@ -10,8 +10,7 @@ import torch
 from conftest import ZOO, Attention, Encoder, Oscillator, Recurrent, Scale
 from torch import Tensor, nn
 
-from lightning_sensitivity import per_sample_sensitivities
-from lightning_sensitivity.functional import _PLANS
+from lightning_sensitivity import DEFAULT_PLANS, per_sample_sensitivities
 
 GRAD_MODES = {
     "grad": torch.enable_grad,
@@ -291,7 +290,7 @@ def test_jvp_without_vmap_rule_stays_in_forward_mode(reference):
         warnings.simplefilter("error", UserWarning)
         with torch.inference_mode():
             sens = per_sample_sensitivities(model, targets, (x,))
-    assert _PLANS[model].reverse is False and _PLANS[model].vectorise is False
+    assert DEFAULT_PLANS[model].reverse is False and DEFAULT_PLANS[model].vectorise is False
     for label, value in reference(model, targets, (x,)).items():
         torch.testing.assert_close(sens[label], value, rtol=1e-5, atol=1e-6)
 
@@ -308,7 +307,7 @@ def test_fast_paths_are_avoided_not_fallen_back_from(model_factory, reference):
     mkldnn, fastpath = torch.backends.mkldnn.enabled, torch.backends.mha.get_fastpath_enabled()
     with torch.inference_mode():
         sens = per_sample_sensitivities(model, label, (x,))
-    assert _PLANS[model].reverse is False
+    assert DEFAULT_PLANS[model].reverse is False
     assert (torch.backends.mkldnn.enabled, torch.backends.mha.get_fastpath_enabled()) == (mkldnn, fastpath)
     torch.testing.assert_close(sens[label], reference(model, [label], (x,))[label], rtol=1e-4, atol=1e-6)
 

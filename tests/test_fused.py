@@ -210,10 +210,11 @@ def test_the_step_gets_the_primal_output_and_the_monitor_its_tangent():
     x = torch.randn(6, 2)
 
     def compute(args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], Tensor]:
+        from lightning_sensitivity import Plans
+        from lightning_sensitivity._engine import sensitivities_and_output
         from lightning_sensitivity._targets import resolve_targets
-        from lightning_sensitivity.functional import sensitivities_and_output
 
-        return sensitivities_and_output(model, resolve_targets(model, TARGETS, "test"), args, kwargs)
+        return sensitivities_and_output(model, resolve_targets(model, TARGETS, "test"), args, kwargs, plans=Plans())
 
     fused = FusedForward(model, x, compute)
     with torch.inference_mode():

@@ -12,8 +12,7 @@ from conftest import Recurrent, loop_reference
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_sensitivity import SensitivityCheckError, per_sample_sensitivities
-from lightning_sensitivity.functional import _PLANS
+from lightning_sensitivity import DEFAULT_PLANS, SensitivityCheckError, per_sample_sensitivities
 
 GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -308,7 +307,7 @@ def test_independence_is_confirmed_once_per_module():
     net = nn.Linear(3, 2)
     net.register_buffer("unused", torch.tensor(1.0))
     per_sample_sensitivities(net, "unused", (torch.randn(4, 3),))
-    assert _PLANS[net].independent == {"unused"}
+    assert DEFAULT_PLANS[net].independent == {"unused"}
 
 
 # ---- adjoint ODE solvers: parameters filtered by requires_grad, a backward that re-runs the module -------------
