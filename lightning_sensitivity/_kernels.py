@@ -43,7 +43,9 @@ def forward_ad_kernels(enabled: bool, rnn: bool = True) -> Iterator[None]:
     no forward-mode formula; only modules holding an RNN need that, since it also slows convolutions. Always:
     the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path (taken when grad is off) and the
     fused kernels of ``scaled_dot_product_attention`` give way to composite ops, which forward mode can
-    differentiate.
+    differentiate; and ``F.silu`` and ``F.mish`` are computed by elementary ops (:class:`Composites`), whose
+    backward passes have forward-mode formulas (``aten::silu_backward`` and ``aten::mish_backward`` have none:
+    a model that differentiates inside ``forward``, such as an ML potential, needs them).
     """
     if not enabled:
         yield
@@ -61,6 +63,7 @@ def forward_ad_kernels(enabled: bool, rnn: bool = True) -> Iterator[None]:
                 names = ("benchmark", "benchmark_limit", "deterministic", "allow_tf32", "fp32_precision")
                 stack.enter_context(cudnn.flags(enabled=False, **_current(cudnn, names)))
             stack.enter_context(_math_attention())
+            stack.enter_context(Composites())
             yield
     finally:
         mha.set_fastpath_enabled(fastpath)
@@ -190,3 +193,16 @@ class DifferentiableGrad(TorchFunctionMode):
 
 
 _GRAD_SIGNATURE = inspect.signature(torch.autograd.grad)
+
+
+class Composites(TorchFunctionMode):
+    """While active, ``F.silu`` is ``x * sigmoid(x)`` and ``F.mish`` is ``x * tanh(softplus(x))``: the same values
+    (up to rounding), by ops whose backward formulas forward mode can differentiate."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is F.silu or func is F.mish:
+            x, inplace = args[0], (args[1] if len(args) > 1 else kwargs.get("inplace", False))
+            y = x * torch.sigmoid(x) if func is F.silu else x * torch.tanh(F.softplus(x))
+            return x.copy_(y) if inplace else y
+        return func(*args, **kwargs)
