@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_sensitivity import _arguments
+import lightning_sensitivity._arguments as _arguments
 from lightning_sensitivity._batches import API, Differentiator
 from lightning_sensitivity._engine import Method, Normalize
 from lightning_sensitivity._publish import Publisher

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_sensitivity import _arguments
+import lightning_sensitivity._arguments as _arguments
 from lightning_sensitivity._engine import Method, Normalize, sensitivities_and_output
 from lightning_sensitivity._plans import DEFAULT_PLANS, Plans
 from lightning_sensitivity._targets import resolve_targets
