@@ -85,28 +85,43 @@ def _descending(value: float) -> float:
 
 
 def markdown(report: Report, prefix: str) -> str:
-    """The ranked table of targets, for TensorBoard's text tab.
+    """The ranked table of targets, for TensorBoard's text tab. Short columns, so that it does not wrap inside a
+    word in a window 1400 px wide: ``#`` (the rank), target, μ*, σ, mean, ν, min, max; the count of values and of
+    non-finite values are in a column only where they differ between targets (otherwise in the line above).
 
     Example:
         >>> stats = {"count": 4, "nonfinite": 0, "mean": 1.0, "std": 0.5, "abs_mean": 1.0, "mean_square": 1.25,
         ...          "min": 0.5, "max": 1.5, "rank": 1}
         >>> report = Report(3, ["k"], {"k": stats}, torch.ones(1, 1), 1.0, [])
         >>> print(markdown(report, "sensitivity").splitlines()[-1])
-        | 1 | `k` | 1 | 0.5 | 1 | 1.25 | 0.5 | 1.5 | 4 | 0 |
+        | 1 | `k` | 1 | 0.5 | 1 | 1.25 | 0.5 | 1.5 |
     """
+    ranked = report.ranked()
+    columns = ["abs_mean", "std", "mean", "mean_square", "min", "max"]
+    headers = ["#", "target", "μ\\*", "σ", "mean", "ν", "min", "max"]
+    each = []
+    for name, header, what in (("count", "n", "values"), ("nonfinite", "nonfinite", "non-finite")):
+        values = {report.stats[label][name] for label in ranked}
+        if len(values) > 1:
+            columns.append(name)
+            headers.append(header)
+        else:
+            each.append(f"{values.pop()} {what}")
+    targets = f"{len(ranked)} target{'s' if len(ranked) > 1 else ''}"
+    counts = " and ".join(each) + " each; " if each else ""
     lines = [
-        f"**{prefix}** at step {report.step}: targets ranked by mean |dy/dθ| (μ*); collinearity index of the "
-        f"set {_number(report.collinearity)}.",
+        f"**{prefix}** at step {report.step}: {targets} ranked by μ\\* = mean \\|dy/dθ\\|; σ = std, ν = mean square; "
+        f"{counts}collinearity index {_number(report.collinearity)} (> 10–15: poorly identifiable).",
         "",
-        "| rank | target | mean | std | mean \\|dy/dθ\\| (μ*) | mean square (ν) | min | max | count | non-finite |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
     ]
-    for label in report.ranked():
+    for label in ranked:
         s = report.stats[label]
-        numbers = " | ".join(_number(s[name]) for name in ("mean", "std", "abs_mean", "mean_square", "min", "max"))
-        lines.append(f"| {s['rank']} | `{label}` | {numbers} | {s['count']} | {s['nonfinite']} |")
+        numbers = " | ".join(_number(s[name]) for name in columns)
+        lines.append(f"| {s['rank']} | `{label}` | {numbers} |")
     return "\n".join(lines)
 
 
 def _number(value: float) -> str:
-    return f"{value:.4g}"
+    return "—" if math.isnan(value) else f"{value:.4g}"

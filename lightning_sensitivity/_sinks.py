@@ -4,7 +4,7 @@ MLflow (the table and figures, histograms drawn as figures, as artifacts: MLflow
 
 A sink is found per logger of the Trainer, for the loggers of ``lightning.pytorch`` and of the standalone
 ``pytorch_lightning`` package alike; every method runs on global rank zero only. ``figure`` is called from the
-drawing thread.
+drawing thread, with the figure's pixels (``[H, W, 3]`` uint8, rendered once for every sink).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_sensitivity._figures import pixels
 from lightning_sensitivity._report import Report
 
 #: Weights & Biases refuses histograms of more bins than this.
@@ -71,12 +70,12 @@ class TensorBoardSink:
 
         writer.add_summary(text_pb(tag, text), report.step)
 
-    def figure(self, tag: str, figure: Any, step: int) -> None:
+    def figure(self, tag: str, image: Any, step: int) -> None:
         writer = self._file_writer()
         if writer is None:
-            self.writer.add_image(tag, pixels(figure), step, dataformats="HWC")
+            self.writer.add_image(tag, image, step, dataformats="HWC")
             return
-        writer.add_summary(_image_summary(tag, pixels(figure)), step)
+        writer.add_summary(_image_summary(tag, image), step)
 
     def _file_writer(self) -> Any:
         """The event file writer of torch's ``SummaryWriter``; ``None`` for another writer (tensorboardX's, or
@@ -134,14 +133,14 @@ class WandbSink:
         columns: list[str | int] = list(names)
         self.logger.log_metrics({tag: wandb.Table(columns=columns, data=rows)}, step=report.step)
 
-    def figure(self, tag: str, figure: Any, step: int) -> None:
+    def figure(self, tag: str, image: Any, step: int) -> None:
         import wandb
 
-        self.logger.log_metrics({tag: wandb.Image(pixels(figure))}, step=step)
+        self.logger.log_metrics({tag: wandb.Image(image)}, step=step)
 
 
 class MLflowSink:
-    """The table (``log_text``) and figures (``log_figure``, histograms among them) as artifacts of the run,
+    """The table (``log_text``) and figures (``log_image``, histograms among them) as artifacts of the run,
     under ``<tag>/step_<step>``: MLflow has no histogram, text or image series of its own."""
 
     histograms_as_figures = True
@@ -155,8 +154,8 @@ class MLflowSink:
     def table(self, tag: str, report: Report, text: str) -> None:
         self.logger.experiment.log_text(self.logger.run_id, text, f"{tag}/step_{report.step:08d}.md")
 
-    def figure(self, tag: str, figure: Any, step: int) -> None:
-        self.logger.experiment.log_figure(self.logger.run_id, figure, f"{tag}/step_{step:08d}.png")
+    def figure(self, tag: str, image: Any, step: int) -> None:
+        self.logger.experiment.log_image(self.logger.run_id, image, f"{tag}/step_{step:08d}.png")
 
 
 Sink = TensorBoardSink | WandbSink | MLflowSink

@@ -47,7 +47,7 @@ class SensitivityMonitor(Callback):
       and ``sensitivity/collinearity`` for the set of targets, through ``pl_module.log``, so every logger and
       ``trainer.callback_metrics`` receive them;
     - a ranked Markdown table ``sensitivity/summary`` to TensorBoard's text tab and, with matplotlib
-      installed, figures ``sensitivity/ranking``, ``sensitivity/correlation`` and ``sensitivity/profile/<target>``
+      installed, figures ``sensitivity/ranking``, ``sensitivity/correlation`` and ``sensitivity/profiles``
       to its images tab.
 
     After an epoch, :meth:`summary`, :meth:`correlation` and :meth:`profiles` return its statistics (also on a

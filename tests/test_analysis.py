@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sensitivity import SensitivityMonitor, per_sample_sensitivities
+from lightning_sensitivity._report import markdown
 
 T = 6
 
@@ -117,14 +118,33 @@ def test_table_and_figures_in_tensorboard(tmp_path):
     ranked = [line.split("|")[2].strip(" `") for line in lines if line.startswith("| ") and line[2].isdigit()]
     summary = monitor.summary()
     assert ranked == sorted(summary, key=lambda label: summary[label]["rank"])
-    assert "μ*" in table and "collinearity" in table
-    for tag in ("sensitivity/ranking", "sensitivity/correlation", "sensitivity/profile/A", "sensitivity/profile/k"):
-        assert tag in images, tag
-        assert images[tag][0].width > 100 and images[tag][0].height > 100
+    assert "μ\\*" in table and "collinearity index" in table and "poorly identifiable" in table
+    assert set(images) == {"sensitivity/ranking", "sensitivity/correlation", "sensitivity/profiles"}
+    for tag, events in images.items():
+        assert events[0].width > 100 and events[0].height > 100, tag
 
 
-def report_of(abs_mean: list[float], std: list[float], corr: Tensor, collinearity: float, step: int):
-    """A report of targets ``A``, ``k``, ``b`` with these μ*, σ and correlation (the ranking follows μ*)."""
+def test_table_has_short_columns_and_counts_once(tmp_path):
+    """Short headers that do not wrap inside a word; counts that are the same for every target are said once,
+    above the table, and get a column where they differ; NaN is written "—"."""
+    texts, _ = read_text_and_images(
+        run(tmp_path, SensitivityMonitor(["A", "k", "b"], log_figures=False)).logger.log_dir
+    )
+    (_, table), *_ = texts["sensitivity/summary"]
+    header = next(line for line in table.splitlines() if line.startswith("| #"))
+    assert header == "| # | target | μ\\* | σ | mean | ν | min | max |"
+    assert "120 values and 0 non-finite each" in table
+    differ = report_of([3.0, float("nan"), 1.0], [1.0, float("nan"), 1.0], torch.eye(3), 1.0, step=2)
+    differ.stats["k"].update(count=0, nonfinite=120, min=float("nan"), max=float("nan"))
+    table = markdown(differ, "sensitivity")
+    assert "| # | target | μ\\* | σ | mean | ν | min | max | n | nonfinite |" in table
+    assert table.splitlines()[-1] == "| 3 | `k` | — | — | 0.5 | 1 | — | — | 0 | 120 |"
+    assert "nan" not in table
+
+
+def report_of(abs_mean: list[float], std: list[float], corr: Tensor, collinearity: float, step: int, profiles=None):
+    """A report of targets ``A``, ``k``, ``b`` with these μ*, σ and correlation (the ranking follows μ*), and
+    ``profiles`` (``{dataloader_idx: {label: {"mean", "abs_mean"}}}``)."""
     from lightning_sensitivity._report import Report
 
     labels = ["A", "k", "b"]
@@ -134,38 +154,53 @@ def report_of(abs_mean: list[float], std: list[float], corr: Tensor, collinearit
                 "mean_square": 1.0, "min": -1.0, "max": 1.0, "rank": order.index(i) + 1}
         for i, label in enumerate(labels)
     }  # fmt: skip
-    return Report(step, labels, stats, corr, collinearity, [])
+    return Report(step, labels, stats, corr, collinearity, [], profiles or {})
 
 
 def test_redrawn_figures_are_the_figures_drawn_afresh():
     """Figures are built once and redrawn with each epoch's numbers: pixel for pixel what a new one shows,
-    though the ranking's order, its scale and the correlations all changed."""
+    though the ranking's order, its scale, the correlations and the profiles all changed."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from lightning_sensitivity._figures import correlation, pixels, profile_figure, ranking
+    from lightning_sensitivity._figures import correlation, histograms, pixels, profiles, ranking
 
     g = torch.Generator().manual_seed(0)
-    first, second = (
-        {"mean": torch.randn(12, generator=g), "abs_mean": torch.rand(12, generator=g) * s} for s in (1, 50)
-    )
+
+    def curves(scale):
+        return {
+            label: {"mean": torch.randn(12, generator=g), "abs_mean": torch.rand(12, generator=g) * scale}
+            for label in "Akb"
+        }
+
+    corr = torch.tensor([[1.0, 0.3, -0.9], [0.3, 1.0, float("nan")], [-0.9, float("nan"), 1.0]], dtype=torch.float64)
+    before = report_of([30.0, 10.0, 2.0], [1.0, 5.0, 1.0], torch.eye(3, dtype=torch.float64), 1.0, 5, {0: curves(1)})
+    after = report_of([0.01, 4.0, float("nan")], [0.02, 0.9, float("nan")], corr, 12.5, 10, {0: curves(50)})
+    for report in (before, after):
+        report.histograms = [histogram_of(torch.randn(50, generator=g) * scale) for scale in (1.0, 1e-3, 1e3)]
 
     def drawn(figure):  # rendered once: a redraw reuses its canvas, renderer and measured texts
         pixels(figure)
         return figure
 
-    fresh = pixels(profile_figure(Figure, "k", second))
-    redrawn = pixels(profile_figure(Figure, "k", second, reuse=drawn(profile_figure(Figure, "A", first))))
-    assert (fresh == redrawn).all()
-    assert not (fresh == pixels(profile_figure(Figure, "A", first))).all()
-
-    corr = torch.tensor([[1.0, 0.3, -0.9], [0.3, 1.0, float("nan")], [-0.9, float("nan"), 1.0]], dtype=torch.float64)
-    before = report_of([30.0, 10.0, 2.0], [1.0, 5.0, 1.0], torch.eye(3, dtype=torch.float64), 1.0, step=5)
-    after = report_of([0.01, 4.0, float("nan")], [0.02, 0.9, float("nan")], corr, 12.5, step=10)
-    for draw in (ranking, correlation):
+    for draw in (
+        ranking,
+        correlation,
+        histograms,
+        lambda Figure, report, reuse=None: profiles(Figure, report, 0, reuse),
+    ):
         fresh = pixels(draw(Figure, after))
         assert (pixels(draw(Figure, after, reuse=drawn(draw(Figure, before)))) == fresh).all(), draw.__name__
         assert not (fresh == pixels(draw(Figure, before))).all(), draw.__name__
+
+
+def histogram_of(values: Tensor):
+    """The monitor's histogram of ``values``."""
+    from lightning_sensitivity._aggregate import SensitivityAggregator
+
+    aggregator = SensitivityAggregator(num_targets=1)
+    aggregator.update(values.double().reshape(1, -1))
+    return aggregator.histograms()[0]
 
 
 def decoded(image_event):
@@ -184,7 +219,7 @@ def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from lightning_sensitivity._figures import correlation, pixels, profile_figure, ranking
+    from lightning_sensitivity._figures import correlation, pixels, profiles, ranking
 
     class Fitted(Decay):
         def training_step(self, batch, batch_idx):
@@ -198,11 +233,11 @@ def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
     trainer = make_trainer(tmp_path, monitor, max_epochs=3, log_every_n_steps=1)
     trainer.fit(Fitted(), data, data)
     _, images = read_text_and_images(trainer.logger.log_dir)
-    report = monitor._reports["validate"]
+    report = monitor._results.reports["validate"]
     expected = {
         "sensitivity/ranking": ranking(Figure, report),
         "sensitivity/correlation": correlation(Figure, report),
-        "sensitivity/profile/k": profile_figure(Figure, "k", report.profiles[0]["k"]),
+        "sensitivity/profiles": profiles(Figure, report, 0),
     }
     for tag, figure in expected.items():
         assert [event.step for event in images[tag]] == [3, 6, 9], tag
@@ -213,7 +248,7 @@ def test_figures_of_later_epochs_are_those_of_their_reports(tmp_path):
 
 def test_without_matplotlib_one_warning_and_the_rest_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    monkeypatch.setattr("lightning_sensitivity.callback.matplotlib_available", lambda: False)
+    monkeypatch.setattr("lightning_sensitivity._publish.matplotlib_available", lambda: False)
     with pytest.warns(UserWarning, match="lightning-sensitivity\\[plots\\]") as record:
         trainer = run(tmp_path, SensitivityMonitor(targets=["A", "k"]))
     assert len([w for w in record if "matplotlib" in str(w.message)]) == 1
@@ -362,12 +397,14 @@ def test_profiles_per_dataloader_with_different_shapes(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from lightning_sensitivity._figures import pixels, profile_figure
+    from lightning_sensitivity._figures import pixels, profiles
 
     _, images = read_text_and_images(trainer.logger.log_dir)
-    for tag, idx in (("sensitivity/profile/A", 0), ("sensitivity/profile/A/dataloader_1", 1)):
+    report = monitor._results.reports["validate"]
+    for tag, idx in (("sensitivity/profiles", 0), ("sensitivity/profiles/dataloader_1", 1)):
         (image,) = images[tag]
-        assert (decoded(image) == pixels(profile_figure(Figure, "A", monitor.profiles(idx)["A"]))).all(), tag
+        assert (decoded(image) == pixels(profiles(Figure, report, idx))).all(), tag
+    assert "dataloader 1" in profiles(Figure, report, 1).texts[0].get_text()
 
 
 def test_profiles_are_those_of_the_dataloaders_the_epoch_ran(tmp_path):
@@ -397,7 +434,7 @@ def test_profiles_are_those_of_the_dataloaders_the_epoch_ran(tmp_path):
     torch.testing.assert_close(monitor.profiles(0)["A"]["mean"], Decay().analytic(x)["A"].mean(0), rtol=1e-6, atol=1e-9)
     if importlib.util.find_spec("matplotlib") is not None:
         _, images = read_text_and_images(trainer.logger.log_dir)
-        assert len(images["sensitivity/profile/A"]) == 2 and len(images["sensitivity/profile/A/dataloader_1"]) == 1
+        assert len(images["sensitivity/profiles"]) == 2 and len(images["sensitivity/profiles/dataloader_1"]) == 1
 
 
 def test_profile_size_bound_is_checked_before_the_first_training_step(tmp_path):

@@ -22,7 +22,9 @@ def test_large_validation_set_is_exact_with_bounded_state(tmp_path):
         t = trainer(tmp_path / str(n), monitor)
         val = physics_data(n, seed=9)
         t.validate(model, DataLoader(val, batch_size=1000))
-        sizes[n] = sum(v.numel() * v.element_size() for v in monitor._stages["validate"].epoch.aggregator.metric_state.values())
+        sizes[n] = sum(
+            v.numel() * v.element_size() for v in monitor._stages["validate"].epoch.aggregator.metric_state.values()
+        )
         histograms, scalars = read_events(t.logger.log_dir)
         x = val.tensors[0]
         assert_histogram(histograms["sensitivity/C"][0], expected_stats(x[:, :1].expand(-1, 3)), rel=1e-9)

@@ -124,8 +124,8 @@ def test_mlflow_table_and_figures_as_artifacts(tmp_path, monkeypatch):
         "sensitivity/summary/step_00000000.md",
         "sensitivity/ranking/step_00000000.png",
         "sensitivity/correlation/step_00000000.png",
-        "sensitivity/histogram/A/step_00000000.png",
-        "sensitivity/profile/k/step_00000000.png",
+        "sensitivity/histograms/step_00000000.png",
+        "sensitivity/profiles/step_00000000.png",
     ):
         assert name in found, (name, sorted(found))
     table = next(artifacts.rglob("sensitivity/summary/step_00000000.md")).read_text()
