@@ -108,6 +108,11 @@ class Model:
         return self.inputs[1] if self._pristine is None else fresh(self._pristine[1])
 
     @functools.cached_property
+    def layout(self) -> Layout:
+        """Where the module holds its tensors (read once: a model lives for one call of the engine)."""
+        return Layout(self.module)
+
+    @functools.cached_property
     def device(self) -> torch.device:
         """The device of the module's first tensor (looked up once: a model lives for one call of the engine)."""
         for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
@@ -134,7 +139,7 @@ class Model:
         as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``); with
         ``inner_graphs``, a derivative the model takes inside (``torch.autograd.grad``) builds its graph, so that
         reverse mode can differentiate it (:class:`~lightning_sensitivity._kernels.DifferentiableGrad`)."""
-        private = _private_buffers(self.module, tensors)
+        private = _private_buffers(self.layout, tensors)
         args = self.args if args is None else args
         kwargs = self.kwargs if kwargs is None else kwargs
         batch_norm = BatchNormByOps() if self.running_stats else contextlib.nullcontext()
@@ -145,7 +150,7 @@ class Model:
             record.count += 1
         versions = _versions((args, kwargs))
         before = {id(copy): copy._version for copy in private.values()}
-        swap = Swap(self.module, {**private, **tensors})
+        swap = Swap(self.layout, {**private, **tensors})
         with eager(), uncached(), batch_norm, products or contextlib.nullcontext(), swap:
             with DifferentiableGrad() if inner_graphs else contextlib.nullcontext():
                 output = self.runner(args, kwargs)
@@ -162,6 +167,23 @@ class Model:
         return output
 
 
+class Layout:
+    """Where a module holds its tensors: each parameter and buffer by its first name (:attr:`tensors`), and every
+    slot that holds it (:attr:`slots`, by the tensor's ``id``): each module object once, however many names it has
+    (a tied weight, or a submodule registered under two names). Read once per engine call."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.tensors: dict[str, Tensor] = dict(module.named_parameters())
+        self.buffers: dict[str, Tensor] = dict(module.named_buffers())
+        self.tensors.update(self.buffers)
+        self.slots: dict[int, list[tuple[dict[str, Any], str, Tensor]]] = {id(t): [] for t in self.tensors.values()}
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for attr, own in store.items():
+                    if own is not None and id(own) in self.slots:
+                        self.slots[id(own)].append((store, attr, own))
+
+
 class Swap:
     """While active, the module's tensors named in ``replacements`` (by their first name, as in
     ``named_parameters()`` and ``named_buffers()``) are replaced wherever the module holds that very tensor: under
@@ -170,27 +192,22 @@ class Swap:
     model did meanwhile. (``torch.func.functional_call`` does not restore a tensor reached through two names of
     one module object: the module kept the swapped-in tensor.)"""
 
-    def __init__(self, module: nn.Module, replacements: dict[str, Tensor]) -> None:
-        named: dict[str, Tensor] = dict(module.named_parameters())
-        named.update(module.named_buffers())
-        by_id = {id(named[name]): new for name, new in replacements.items()}
+    def __init__(self, layout: Layout, replacements: dict[str, Tensor]) -> None:
         #: (the parameters' or buffers' dict of a module, attribute, own tensor, replacement)
         self.slots = [
-            (store, attr, own, by_id[id(own)])
-            for owner in module.modules()  # each module object once, however many names it has
-            for store in (owner._parameters, owner._buffers)
-            for attr, own in store.items()
-            if own is not None and id(own) in by_id
+            (store, attr, own, new)
+            for name, new in replacements.items()
+            for store, attr, own in layout.slots[id(layout.tensors[name])]
         ]
 
     def __enter__(self) -> Swap:
         for store, attr, _, new in self.slots:
-            store[attr] = new  # type: ignore[assignment] # a plain tensor in a Parameter's slot, as torch.func does
+            store[attr] = new  # a plain tensor in a Parameter's slot, as torch.func does
         return self
 
     def __exit__(self, *exc: object) -> None:
         for store, attr, own, _ in self.slots:
-            store[attr] = own  # type: ignore[assignment]
+            store[attr] = own
 
     def changed(self, versions: dict[int, int]) -> bool:
         """Whether a replacement whose version counter ``versions`` holds (by ``id``) was updated in place, or
@@ -269,11 +286,11 @@ def _versions(value: Any) -> list[int]:
     return versions
 
 
-def _private_buffers(module: nn.Module, skip: dict[str, Tensor]) -> dict[str, Tensor]:
+def _private_buffers(layout: Layout, skip: dict[str, Tensor]) -> dict[str, Tensor]:
     """Copies of the module's buffers (but those in ``skip``), made outside inference mode: ordinary tensors, whose
     version counters tell an update in place, which the model may make whatever the mode it runs in."""
     with torch.inference_mode(False):
-        return {name: buf.clone() for name, buf in module.named_buffers() if name not in skip}
+        return {name: buf.clone() for name, buf in layout.buffers.items() if name not in skip}
 
 
 class RandomState:
