@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the documentation site on a fresh machine: set up .venv (torch first, then the package with its `docs`
 # extra: MkDocs, Material, mkdocstrings), then `mkdocs build --strict` into site/ (SITE_DIR to change it).
-# Offline: no web fonts, scripts or plugins that fetch anything. The build fails on a broken link or
-# cross-reference, on a README section that a page includes but that no longer exists, and on a public object
-# without a docstring (docs/hooks/).
+# The pages under docs/ are the source; the API page comes from the docstrings, the changelog page is
+# CHANGELOG.md. Offline: no web fonts, scripts or plugins that fetch anything. The build fails on a broken
+# link, anchor or cross-reference, and on a public object without a docstring (docs/hooks/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-docs} . scripts/setup-env.sh

@@ -5,7 +5,7 @@ reads the package the way mkdocstrings does (griffe, Google style) and logs a wa
 ``mkdocs build --strict`` turns into a failure, for
 
 - a name in ``lightning_sensitivity.__all__``, or an object of a ``::: path`` line of a page, without a
-  docstring;
+  docstring (a ``#:`` comment above an attribute counts, as on the site: ``sphinx_roles.py``);
 - a public method, property or attribute of such a class without a docstring, unless the class docstring
   documents it (``Args:`` / ``Attributes:``) or it overrides a method of a base class from another package
   (a Lightning ``Callback`` hook, documented by Lightning);
@@ -80,7 +80,9 @@ def on_pre_build(config, **kwargs):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     package = importlib.import_module(PACKAGE)
-    loaded = griffe.load(PACKAGE, search_paths=[str(root)], docstring_parser="google")
+    # with the site's griffe extension, so that a ``#:`` comment counts as a docstring here as it does on the site
+    extensions = griffe.load_extensions(str(Path(__file__).with_name("sphinx_roles.py")))
+    loaded = griffe.load(PACKAGE, search_paths=[str(root)], docstring_parser="google", extensions=extensions)
 
     paths = [f"{PACKAGE}.{name}" for name in package.__all__]
     for page in sorted(Path(config.docs_dir).rglob("*.md")):
