@@ -5,15 +5,16 @@
 # pyproject.toml; the test tools themselves, pytest, ruff, transformers, torchdiffeq and torchode, at their
 # newest).
 #
-# Which tests: by default those where the pinned packages do the work: the callback and its aggregator in a
-# real Trainer (test_callback, test_analysis, test_faults: checkpoints, resume, several monitors), the step's own
-# forward call taken over through Lightning's hooks (test_fused), the stages,
-# TensorBoard and the other loggers (test_stages, test_loggers), LightningCLI with the lowest jsonargparse
-# (test_examples) and the package's doctests. Left out, to keep CI within its time: the engine's own tests
-# (test_functional, test_targets, test_trust, test_products, test_many_targets: torch and the test tools only,
-# the same versions as in the main job), the engine inside a Trainer (test_trust_trainer) and the multi-process
-# runs (test_ddp, test_sharded: minutes of process start-up each). Arguments replace that selection and go to
-# pytest, e.g. `bash scripts/test-lowest.sh tests` for everything, or `bash scripts/test-lowest.sh -k cli -x`.
+# Which tests: by default those where the pinned packages do the work: the monitor in a real Trainer
+# (tests/monitor: logging, the stages, TensorBoard and the other loggers, figures, the step's call taken over
+# through Lightning's hooks, faults, checkpoints and resume, the monitor's arguments and errors), its aggregator,
+# a torchmetrics Metric (tests/engine/test_statistics.py), LightningCLI with the lowest jsonargparse
+# (tests/end_to_end/test_examples.py) and the package's doctests. Left out, to keep CI within its time: the rest of
+# the engine's own tests (tests/engine: torch and the test tools only, the same versions as in the main job), the
+# engine's cases inside a Trainer (tests/monitor/test_models.py: torch.compile, an adjoint ODE solver) and the rest
+# of tests/end_to_end (the multi-process runs, minutes of process start-up each, and the package's shape).
+# Arguments replace that selection and go to pytest, e.g. `bash scripts/test-lowest.sh tests` for everything, or
+# `bash scripts/test-lowest.sh -k cli -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lowest=$(mktemp)
@@ -50,7 +51,7 @@ python -c "
 import importlib.metadata as m
 print('test-lowest:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'lightning', 'torchmetrics', 'tensorboard', 'jsonargparse', 'numpy')))"
 if [ $# -eq 0 ]; then
-  set -- tests/test_analysis.py tests/test_callback.py tests/test_examples.py tests/test_faults.py \
-    tests/test_fused.py tests/test_loggers.py tests/test_stages.py lightning_sensitivity
+  set -- tests/monitor --ignore=tests/monitor/test_models.py tests/engine/test_statistics.py \
+    tests/end_to_end/test_examples.py lightning_sensitivity
 fi
 python -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"  # none of these files has a module fixture

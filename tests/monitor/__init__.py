@@ -1,0 +1,1 @@
+"""``SensitivityMonitor`` in a real Trainer, read back from what was logged."""
