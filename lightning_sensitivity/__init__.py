@@ -8,6 +8,7 @@ imported on first access (PEP 562), so ``lightning_sensitivity.SensitivityMonito
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_sensitivity._identify import predictive_std
 from lightning_sensitivity._plans import DEFAULT_PLANS, Plans
 from lightning_sensitivity._verify import Mismatch, SensitivityCheckError
 from lightning_sensitivity.functional import per_sample_sensitivities
@@ -22,6 +23,7 @@ __all__ = [
     "SensitivityCheckError",
     "SensitivityMonitor",
     "per_sample_sensitivities",
+    "predictive_std",
 ]
 __version__ = "0.1.0"
 

@@ -5,10 +5,13 @@ State per target (``K`` targets, ``NB`` buckets)::
     count, nonfinite [K] int64      sum, abs_sum, sum_squares [K] float64      min, max [K] float64
     buckets [K, NB] int64
     products [K, K] float64         product_sum [K] float64                    product_count [1] int64
+    information [K, K] float64      information_count [1] int64
 
 ``products`` is the Gram matrix ``SᵀS`` of the values (one row of ``S`` per value index, one column per
 target) over the rows where every target's value is finite; ``product_sum`` and ``product_count`` are the
 column sums and the number of those rows, from which the Pearson correlation of the targets follows.
+``information`` is the same sum of products of the raw ``dy/dθ`` (before any normalisation), over the rows
+where every raw value is finite: the Fisher information times σ² (``_identify.py``).
 :class:`ProfileAggregator` holds, per output element, the sums over samples (``[K, *out]`` each).
 
 (``dtype=torch.float32`` makes the float64 states float32, for devices without float64 such as MPS.)
@@ -110,6 +113,8 @@ class SensitivityAggregator(Metric):
     products: Tensor
     product_sum: Tensor
     product_count: Tensor
+    information: Tensor
+    information_count: Tensor
     sum: Tensor
     abs_sum: Tensor
     sum_squares: Tensor
@@ -141,6 +146,8 @@ class SensitivityAggregator(Metric):
         self.add_state("products", torch.zeros(k, k, dtype=dtype), dist_reduce_fx="sum")
         self.add_state("product_sum", torch.zeros(k, dtype=dtype), dist_reduce_fx="sum")
         self.add_state("product_count", torch.zeros(1, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("information", torch.zeros(k, k, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("information_count", torch.zeros(1, dtype=torch.long), dist_reduce_fx="sum")
 
     def bucket_index(self, values: Tensor) -> Tensor:
         """Bucket of each finite value (same shape, int64): negative side, then zero, then positive side."""
@@ -159,8 +166,8 @@ class SensitivityAggregator(Metric):
         upper = torch.exp2((exponents + 1) / ppo)
         return torch.cat([-lower.flip(0), torch.zeros(1, dtype=torch.float64), upper])
 
-    def update(self, values: Tensor) -> None:
-        """Add ``values [K, N]``."""
+    def update(self, values: Tensor, raw: Tensor | None = None) -> None:
+        """Add ``values [K, N]``, and ``raw [K, N]``, the same values before normalisation (``None``: the same)."""
         if values.dim() != 2 or values.shape[0] != self.num_targets:
             raise ValueError(
                 f"SensitivityAggregator.update: expected values of shape [{self.num_targets}, N]; "
@@ -180,11 +187,15 @@ class SensitivityAggregator(Metric):
         self.min = torch.minimum(self.min, torch.where(finite, values, inf).amin(1))
         self.max = torch.maximum(self.max, torch.where(finite, values, -inf).amax(1))
         self.buckets.scatter_add_(1, self.bucket_index(clean), finite.long())
-        rows = finite.all(0)  # value indices where every target is finite: the rows of the Gram matrix
-        complete = torch.where(rows, clean, torch.zeros((), dtype=values.dtype, device=values.device))
-        self.products += complete @ complete.T
-        self.product_sum += complete.sum(1)
+        rows, gram = _gram(values, finite)
+        self.products += gram
+        self.product_sum += torch.where(rows, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)
         self.product_count += rows.sum()
+        if raw is not None:
+            raw = raw.detach().to(self.sum.dtype)
+            rows, gram = _gram(raw, torch.isfinite(raw))
+        self.information += gram
+        self.information_count += rows.sum()
 
     def compute(self) -> dict[str, Tensor]:
         """The state, reduced over every process, and summary scalars, each ``[K]`` (``buckets`` ``[K, NB]``,
@@ -232,7 +243,14 @@ class SensitivityAggregator(Metric):
 
 
 _PER_TARGET = ("count", "nonfinite", "sum", "abs_sum", "sum_squares", "min", "max", "buckets")
-_STATE = (*_PER_TARGET, "products", "product_sum", "product_count")
+_STATE = (*_PER_TARGET, "products", "product_sum", "product_count", "information", "information_count")
+
+
+def _gram(values: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows (value indices) where every target is finite, and ``SᵀS`` over them, ``[K, K]``."""
+    rows = finite.all(0)
+    complete = torch.where(rows, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return rows, complete @ complete.T
 
 
 #: A variance computed as ``E[s²] − E[s]²`` from sums below this fraction of ``E[s²]`` (times the dtype's ``eps``) is

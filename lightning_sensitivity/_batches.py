@@ -137,8 +137,8 @@ class Differentiator:
 
     def differentiate(
         self, trainer: Trainer, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
-    ) -> dict[str, Tensor]:
-        """The batch's sensitivities, by label: from the step's call where it computed them, else after the step."""
+    ) -> Sensitivities:
+        """The batch's sensitivities: from the step's call where it computed them, else after the step."""
         watch, owned = self._watch, self._owns_watch
         self.disarm()
         if watch is not None and owned and watch.result is not None:
@@ -148,7 +148,7 @@ class Differentiator:
                 self._take_over_failed = True  # done again here, where errors are reported
             sens = self._after_step(trainer, stage, batch, batch_idx, dataloader_idx, self._step_call(trainer, watch))
         self.decided = True
-        self._check_rows(trainer, batch, sens)
+        self._check_rows(trainer, batch, sens.values)
         return sens
 
     def _step_call(self, trainer: Trainer, watch: FusedForward | None) -> Call | None:
@@ -169,14 +169,14 @@ class Differentiator:
 
     def _after_step(
         self, trainer: Trainer, stage: str, batch: Any, batch_idx: int, dataloader_idx: int, call: Call | None
-    ) -> dict[str, Tensor]:
+    ) -> Sensitivities:
         module = trainer.lightning_module  # never a strategy wrapper
         step = getattr(module, "sensitivity_step", None)
         function = step if callable(step) else None
         args, kwargs = self._what(module, batch, batch_idx, dataloader_idx, call)
         try:
             with RandomState(module.device).replayed():  # later steps draw what they would without the monitor
-                sens, _ = self._engine(stage, trainer, args, kwargs, function)
+                sens = self._engine(stage, trainer, args, kwargs, function)
         except Exception as error:
             if function is not None or _ours(error):
                 raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,23 @@ from lightning_sensitivity._verify import FiniteDifferences, Mismatch, Sensitivi
 
 Method = Literal["auto", "forward", "reverse"]
 Normalize = Literal["none", "parameter", "relative"]
-#: ``(sensitivities by label, the output they were computed at)``
-Sensitivities = tuple[dict[str, Tensor], Tensor]
+#: ``(sensitivities by label, the output they were computed at)``: what one way of differentiating gives
+Differentiated = tuple[dict[str, Tensor], Tensor]
+
+
+class Sensitivities(NamedTuple):
+    """What the engine returns.
+
+    Attributes:
+        values: by label, ``[B, *out]``: the sensitivities, normalised as asked.
+        output: the output of the evaluation they came from, detached.
+        raw: by label, ``dy/dθ`` whatever the normalisation (the same dict as ``values`` without one).
+    """
+
+    values: dict[str, Tensor]
+    output: Tensor
+    raw: dict[str, Tensor]
+
 
 _LOG = logging.getLogger("lightning_sensitivity")
 
@@ -84,13 +99,13 @@ def sensitivities_and_output(
             on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
         values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
     if normalize == "none":
-        return sens, output
+        return Sensitivities(sens, output, sens)
     scaled = {}
     for target in resolved:
         theta = values[target.label].to(output.dtype)
         factor = theta if normalize == "parameter" else theta / output
         scaled[target.label] = factor * sens[target.label]
-    return scaled, output
+    return Sensitivities(scaled, output, sens)
 
 
 def choice_pending(
@@ -140,7 +155,7 @@ class _Call:
         self.key = signature(model, resolved)
         self.zeros = Zeros(model, resolved, tensors, self.rng, self.key, chunk_size, losses)
 
-    def run(self) -> Sensitivities:
+    def run(self) -> Differentiated:
         """Per-sample reverse mode where measured cheaper; else forward mode; else reverse mode."""
         faithful = _reverse_unfaithful(self.plan, self.resolved, self.tensors) is None
         result = self._per_sample_if_cheaper() if faithful and _chooses(self.plan, self.method, self.resolved) else None
@@ -152,7 +167,7 @@ class _Call:
         forced = self.method == "forward"  # a forced method always tries its mode, whatever was learned
         return forced or (self.method == "auto" and not self.plan.reverse)
 
-    def _per_sample_if_cheaper(self) -> Sensitivities | None:
+    def _per_sample_if_cheaper(self) -> Differentiated | None:
         plan, key = self.plan, self.key
         if key not in plan.choices:
             choice = choose(self.model, self.resolved, self.tensors, self.timer)
@@ -171,7 +186,7 @@ class _Call:
         self.rng.restore()
         return None
 
-    def _forward_mode(self) -> Sensitivities | None:
+    def _forward_mode(self) -> Differentiated | None:
         """Forward mode; ``None`` where reverse mode must take over (``"auto"`` only, after one warning)."""
         pushed = self._push_forward()
         if isinstance(pushed, BaseException):
@@ -225,7 +240,7 @@ class _Call:
             stacklevel=6,
         )
 
-    def _reverse_mode(self) -> Sensitivities:
+    def _reverse_mode(self) -> Differentiated:
         """Per-sample reverse mode where the model is separable (``method="reverse"``), else batched."""
         unfaithful = _reverse_unfaithful(self.plan, self.resolved, self.tensors)
         if unfaithful is not None:
@@ -256,7 +271,7 @@ class _Call:
         if lost:
             self.losses.give_up(lost_message(self.model, lost, mode, hint), targets_of(lost))
 
-    def _per_sample(self) -> Sensitivities:
+    def _per_sample(self) -> Differentiated:
         """Per-sample reverse mode, checked against batched reverse mode and the batched output at the first call
         of each signature and batch layout; raises where the model is not per-sample on these inputs."""
         checked = (self.key, _batch_layout(self.model))
@@ -299,7 +314,7 @@ def _sharded(
     chunk_size: int | None,
     on_check: Callable[[list[Mismatch]], None] | None,
     losses: Losses,
-) -> Sensitivities:
+) -> Differentiated:
     """Forward mode for a model sharded with FSDP2: the tangents are given inside the forward of each target's
     managing module (``_sharded.py``). Every process runs the same evaluations (each is a collective)."""
     model, plan = sharded.model, sharded.model.plan

@@ -111,12 +111,16 @@ class EpochRun:
         reduction: str,
         dataloader_idx: int,
         profile_limit: int | None,
+        raw: Sequence[Tensor] | None = None,
     ) -> None:
-        """Fold one batch in: ``columns`` are the targets' sensitivities ``[B, *out]``, in target order;
-        ``profile_limit`` is ``max_profile_elements`` when profiles are kept, else ``None``."""
+        """Fold one batch in: ``columns`` are the targets' sensitivities ``[B, *out]``, in target order, and
+        ``raw`` the same before normalisation (``None``: not normalised); ``profile_limit`` is
+        ``max_profile_elements`` when profiles are kept, else ``None``."""
         assert self.aggregator is not None
         if columns[0].shape[0] > 0:
-            self.aggregator.update(torch.stack([reduce_values(column, reduction) for column in columns]))
+            values = torch.stack([reduce_values(column, reduction) for column in columns])
+            unscaled = None if raw is None else torch.stack([reduce_values(column, reduction) for column in raw])
+            self.aggregator.update(values, unscaled)
         if profile_limit is not None:
             self._profile(trainer, columns[0].shape[1:], dataloader_idx, profile_limit).update(
                 torch.stack(list(columns))
@@ -145,7 +149,15 @@ class EpochRun:
             )
         return profile
 
-    def finish(self, trainer: Any, step: int, labels: Sequence[str], profile_limit: int | None) -> Report:
+    def finish(
+        self,
+        trainer: Any,
+        step: int,
+        labels: Sequence[str],
+        profile_limit: int | None,
+        theta: Tensor | None = None,
+        noise_std: float | None = None,
+    ) -> Report:
         """The epoch's statistics, reduced over every process (collectives under DDP: every rank calls this)
         and copied to the host once."""
         assert self.aggregator is not None
@@ -163,7 +175,7 @@ class EpochRun:
             self._agree_on_profiles(trainer, profile_limit)
         state = {name: value.cpu() for name, value in self.aggregator.compute().items()}
         profiles = {idx: self.profiles[idx].profiles() for idx in sorted(self.profiles)}
-        return build_report(step, labels, state, self.aggregator.histograms(state), profiles)
+        return build_report(step, labels, state, self.aggregator.histograms(state), profiles, theta, noise_std)
 
     def _agree_on_profiles(self, trainer: Any, limit: int) -> None:
         """Every process makes the profile of every dataloader that any process saw (a process may have seen no

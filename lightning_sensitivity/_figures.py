@@ -235,7 +235,9 @@ def ranking(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa: N80
 
 def correlation(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa: N803
     """The Pearson correlation of the sensitivities of the first :data:`TOP` targets by μ* (in the targets'
-    order): near ±1, two targets cannot be told apart. Undefined cells (a target without variance) are grey and
+    order) below the diagonal, and the correlation of their estimates (from the covariance) above it: near ±1,
+    two targets cannot be told apart. Undefined cells (a target without variance, or one the data do not
+    determine) are grey and
     written ``—``; values are written where a cell is wide enough to read them. Rows are named and numbered,
     columns numbered. The title gives the collinearity index of all targets with its scale. ``reuse``: a
     correlation figure of the same targets, redrawn."""
@@ -248,7 +250,9 @@ def correlation(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa:
     n = len(index)
     side = min(max(0.5 * n, 1.6), 5.0)
     written = side / n >= _NUMBER_CELL  # the values in the cells are legible
-    values = report.correlation.numpy()[np.ix_(index, index)]
+    sensitivities = report.correlation.numpy()[np.ix_(index, index)]
+    estimates = _estimates(report)[np.ix_(index, index)]
+    values = np.where(np.tri(n, dtype=bool), sensitivities, estimates)  # sensitivities below, estimates above
     values = np.where(np.isfinite(values), values, np.nan)  # an undefined correlation is blank, never ±inf
     cmap = colormaps["RdBu_r"].with_extremes(bad=_UNDEFINED)
     if reuse is None:
@@ -282,12 +286,21 @@ def correlation(Figure: Any, report: Report, reuse: Any = None) -> Any:  # noqa:
         text.set_color("white" if abs(value) > 0.6 else "black")  # NaN compares False: black on grey
     of_all = f" of all {len(report.labels)} targets:" if len(shown.labels) < len(report.labels) else ""
     figure.texts[0].set_text(
-        f"{shown.title('correlation of the sensitivities', report.step)}\n"
+        f"{shown.title('correlation: sensitivities (lower left), estimates (upper right)', report.step)}\n"
         f"collinearity index{of_all} {number(report.collinearity)} ({COLLINEARITY_SCALE})"
     )
     undefined = bool(np.isnan(values).any())
-    figure.texts[1].set_text("grey: undefined, a target without variance" if undefined else "")
+    figure.texts[1].set_text("grey: undefined (no variance, or not determined)" if undefined else "")
     return figure
+
+
+def _estimates(report: Report) -> Any:
+    """The correlation of the estimates, ``[K, K]`` (NaN everywhere where the report holds no information)."""
+    import numpy as np
+
+    if report.information is None or report.theta is None or report.products is None:
+        return np.full((len(report.labels),) * 2, np.nan)
+    return report.identifiability["estimate_correlation"].numpy()
 
 
 def _labels(axes: Any, n: int, axis: str, fontsize: float) -> None:

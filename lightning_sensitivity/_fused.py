@@ -35,13 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sensitivity._engine import Sensitivities
 from lightning_sensitivity._model import RandomState, recording
 from lightning_sensitivity._sharded import uses_fsdp
 
 _LOG = logging.getLogger("lightning_sensitivity")
 
-#: ``(sensitivities by label, output)`` from the engine, for the positional and keyword arguments of a call.
-Compute = Callable[[tuple[Any, ...], dict[str, Any]], tuple[dict[str, Tensor], Tensor]]
+#: The engine's sensitivities (and the output they came from) for the positional and keyword arguments of a call.
+Compute = Callable[[tuple[Any, ...], dict[str, Any]], Sensitivities]
 
 
 def model_input(batch: Any) -> Any:
@@ -147,7 +148,7 @@ class FusedForward:
         self.may_take = may_take
         self.calls: list[Call] = []
         self.call: Call | None = None
-        self.result: dict[str, Tensor] | None = None
+        self.result: Sensitivities | None = None
         self.failed: BaseException | None = None
         if taken_over(module):
             raise RuntimeError(f"{type(module).__name__}.forward is taken over already")
@@ -187,17 +188,17 @@ class FusedForward:
         start = RandomState(device)  # where the step's own call would draw its random numbers from
         try:
             with recording(self.module) as evaluations:
-                sens, output = self.compute(args, kwargs)
+                result = self.compute(args, kwargs)
         except Exception as error:  # noqa: BLE001 - the monitor computes after the step and reports it there
             _LOG.debug("the engine failed inside the step's call (%r); differentiating after the step", error)
             self.failed = error
             start.restore()
             return self._original(*args, **kwargs)
-        self.result = sens
+        self.result = result
         if evaluations.count != 1 or evaluations.buffers_changed or evaluations.inputs_changed:
             # What the model leaves behind (an attribute, a hook's record, an updated buffer or input) is the
             # last evaluation's, and buffers (and the inputs of a model that updates them) were the engine's
             # copies: the step gets the model's own call, once, from the random state it would have started from.
             start.restore()
             return self._original(*args, **kwargs)
-        return output
+        return result.output

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sensitivity._figures import FigureWriter, matplotlib_available
-from lightning_sensitivity._report import SCALARS, Report, markdown
+from lightning_sensitivity._report import SCALARS, Report, identifiability_markdown, markdown
 from lightning_sensitivity._sinks import Sink, find_sinks
 
 API = "SensitivityMonitor"
@@ -56,8 +56,9 @@ class Publisher:
         """Log one epoch of ``stage`` (every rank: the scalars are logged with ``sync_dist``)."""
         prefix = self.tag(stage)
         if stage != "predict":  # predict has no logger
+            scalars = (*SCALARS, "stderr") if report.noise_std is not None else SCALARS
             for label in report.labels:
-                for stat in SCALARS:
+                for stat in scalars:
                     _log(pl_module, f"{prefix}/{label}/{stat}", report.stats[label][stat])
             _log(pl_module, f"{prefix}/collinearity", report.collinearity)
         self._warn_constant(report)
@@ -65,10 +66,12 @@ class Publisher:
         if not trainer.is_global_zero or stage == "predict":
             return
         table = markdown(report, prefix)
+        verdicts = identifiability_markdown(report, prefix)
         for sink in self.sinks:
             if self.histograms:
                 sink.histograms(prefix, report)
             sink.table(f"{prefix}/summary", report, table)
+            sink.text(f"{prefix}/identifiability", report, verdicts)
         if self.draws and (epochs - 1) % self.every == 0:
             wanted = [(sink.figure, self.histograms and sink.histograms_as_figures) for sink in self.sinks]
             self.figures.submit(prefix, report, wanted)

@@ -62,6 +62,10 @@ class TensorBoardSink:
             )
 
     def table(self, tag: str, report: Report, text: str) -> None:
+        self.text(tag, report, text)
+
+    def text(self, tag: str, report: Report, text: str) -> None:
+        """Markdown text under exactly ``tag``, in the text tab."""
         writer = self._file_writer()
         if writer is None:
             self.writer.add_text(tag, text, report.step)
@@ -133,6 +137,12 @@ class WandbSink:
         columns: list[str | int] = list(names)
         self.logger.log_metrics({tag: wandb.Table(columns=columns, data=rows)}, step=report.step)
 
+    def text(self, tag: str, report: Report, text: str) -> None:
+        import wandb
+
+        rows = [[line] for line in text.splitlines() if line.strip()]
+        self.logger.log_metrics({tag: wandb.Table(columns=["text"], data=rows)}, step=report.step)
+
     def figure(self, tag: str, image: Any, step: int) -> None:
         import wandb
 
@@ -152,6 +162,9 @@ class MLflowSink:
         pass  # drawn as figures
 
     def table(self, tag: str, report: Report, text: str) -> None:
+        self.text(tag, report, text)
+
+    def text(self, tag: str, report: Report, text: str) -> None:
         self.logger.experiment.log_text(self.logger.run_id, text, f"{tag}/step_{report.step:08d}.md")
 
     def figure(self, tag: str, image: Any, step: int) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from lightning_sensitivity._batches import Differentiator
 from lightning_sensitivity._epoch import EpochRun, check_profile_size
 from lightning_sensitivity._report import Report
+from lightning_sensitivity._targets import target_values
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class StageSettings:
     buckets_per_octave: int
     drop_padded_duplicates: bool
     log_sanity_check: bool
+    noise_std: float | None = None
 
 
 class StageRun:
@@ -96,21 +98,27 @@ class StageRun:
             self._start_aggregators(trainer)
         sens = self.differentiator.differentiate(trainer, self.name, batch, batch_idx, dataloader_idx)
         epoch, limit = self.epoch, self.settings.profile_limit
+        first = next(iter(sens.values.values()))
         if epoch.dry_run:
             epoch.dry_run = False
             if limit is not None:
-                check_profile_size(len(sens), next(iter(sens.values())).shape[1:], limit)
+                check_profile_size(len(sens.values), first.shape[1:], limit)
             return
         if epoch.aggregator is None:
             return
         epoch.batches[dataloader_idx] = epoch.batches.get(dataloader_idx, 0) + 1
-        keep = epoch.kept(dataloader_idx, batch, next(iter(sens.values())).shape[0])
-        columns = [sens[t.label][:keep] for t in self.differentiator.resolved]  # possibly empty: every rank profiles
-        epoch.add(trainer, columns, self.settings.reduction, dataloader_idx, limit)
+        keep = epoch.kept(dataloader_idx, batch, first.shape[0])
+        labels = self.differentiator.labels
+        columns = [sens.values[label][:keep] for label in labels]  # possibly empty: every rank still profiles
+        raw = None if sens.raw is sens.values else [sens.raw[label][:keep] for label in labels]
+        epoch.add(trainer, columns, self.settings.reduction, dataloader_idx, limit, raw)
 
     def epoch_end(self, trainer: Trainer) -> Report | None:
         """The epoch's report, where it was logged (collectives under DDP: every rank calls this)."""
         if not self.epoch.active or self.epoch.aggregator is None:
             return None
-        labels = self.differentiator.labels
-        return self.epoch.finish(trainer, trainer.global_step, labels, self.settings.profile_limit)
+        d = self.differentiator
+        theta = target_values(trainer.lightning_module, d.resolved)  # every rank: sharded values are gathered
+        return self.epoch.finish(
+            trainer, trainer.global_step, d.labels, self.settings.profile_limit, theta, self.settings.noise_std
+        )

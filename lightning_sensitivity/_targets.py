@@ -1,9 +1,11 @@
 """Parse, resolve and validate sensitivity targets.
 
-A target names one scalar inside a module: a parameter or buffer holding one element (``"C"``), one
-element of a larger tensor (``"net.0.weight[3, -1]"``), or a glob (``"blocks.*.alpha"``) that expands,
-in module order, to every matching name. Every error about a bad target is raised here, with the
-target's text, what was wrong and how to fix it.
+A target names scalars inside a module: a parameter or buffer holding one element (``"C"``), one element of
+a larger tensor (``"net.0.weight[3, -1]"``), every element (``"net.0.weight[...]"``) or a slice
+(``"net.0.weight[3, :]"``, ``"w[:, 1:4]"``), expanding in row-major order to one target per element labelled
+``name[i, j]``; and a glob (``"blocks.*.alpha"``, ``"correction.*.weight[...]"``) expands, in module order, to
+every matching name. At most :data:`MAX_TARGETS` scalars in all. Every error about a bad target is raised here,
+with the target's text, what was wrong and how to fix it.
 
 Names are those of ``module.named_parameters()`` and ``module.named_buffers()``, with two aliases: a tied
 tensor may be named by any of its names (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), and a
@@ -14,14 +16,22 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 import re
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
+from typing import cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 _BRACKETED = re.compile(r"\[[^\]]*\]")
+#: Scalars the targets may expand to in all (``name[...]``, slices, globs): the monitor keeps K x K sums.
+MAX_TARGETS = 4096
+#: One item of a target's index: an element, a slice or ``...``.
+Index = int | slice | EllipsisType
 _GLOB_CHARS = frozenset("*?")
 _COMPILED = "_orig_mod."
 
@@ -49,13 +59,22 @@ class ResolvedTarget:
     text: str
 
 
-def _label(name: str, index: tuple[int, ...] | None) -> str:
+def _label(name: str, index: tuple[Index, ...] | None) -> str:
     if index is None:
         return name
-    return f"{name}[{', '.join(str(i) for i in index)}]"
+    return f"{name}[{', '.join(map(_text, index))}]"
 
 
-def _parse(text: str, api: str, names: Container[str] = ()) -> tuple[str, tuple[int, ...] | None]:
+def _text(item: Index) -> str:
+    if item is Ellipsis:
+        return "..."
+    if isinstance(item, slice):
+        parts = ["" if p is None else str(p) for p in (item.start, item.stop, item.step)]
+        return ":".join(parts[:2] if item.step is None else parts)
+    return str(item)
+
+
+def _parse(text: str, api: str, names: Container[str] = ()) -> tuple[str, tuple[Index, ...] | None]:
     """``(name, index)`` of a target: a name (any text ``named_parameters()`` can give, spaces and brackets
     included when it is one of ``names``), optionally followed by one index in brackets."""
     stripped = text.strip()
@@ -75,13 +94,30 @@ def _parse(text: str, api: str, names: Container[str] = ()) -> tuple[str, tuple[
     if parts and parts[-1] == "" and len(parts) > 1:  # a trailing comma, as in 'w[3,]'
         parts = parts[:-1]
     try:
-        index = tuple(int(p) for p in parts)
+        index = tuple(_item(p) for p in parts)
     except ValueError:
         raise ValueError(
-            f"{api}: the index of target {text!r} must be integers separated by commas, "
-            f"such as '{name}[0, 1]'; got '[{raw_index}]'."
+            f"{api}: the index of target {text!r} must be integers, slices (':', '1:3') or '...' separated by "
+            f"commas, such as '{name}[0, 1]', '{name}[0, :]' or '{name}[...]'; got '[{raw_index}]'."
         ) from None
+    if index.count(Ellipsis) > 1:
+        raise ValueError(f"{api}: the index of target {text!r} holds '...' more than once.")
     return name, index
+
+
+def _item(text: str) -> Index:
+    """One item of an index: an integer, a slice ``start:stop:step`` (each part optional) or ``...``."""
+    if text == "...":
+        return Ellipsis
+    if ":" not in text:
+        return int(text)
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) > 3:
+        raise ValueError(text)
+    start, stop, step = (int(p) if p else None for p in [*parts, ""][:3])
+    if step == 0:
+        raise ValueError(text)
+    return slice(start, stop, step)
 
 
 def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -109,7 +145,7 @@ def _aliases(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[int, ...] | None) -> str:
+def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[Index, ...] | None) -> str:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     if not close:
         return "; use a name from module.named_parameters() or module.named_buffers()."
@@ -117,8 +153,9 @@ def _suggest(text: str, name: str, candidates: Sequence[str], index: tuple[int, 
     return f"; did you mean {shown}?"
 
 
-def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None, api: str) -> tuple[int, ...]:
-    """Check one (name, index) pair against its tensor and return the index, non-negative."""
+def _elements(text: str, name: str, tensor: Tensor, index: tuple[Index, ...] | None, api: str) -> list[tuple[int, ...]]:
+    """Check one (name, index) pair against its tensor and return the elements it names, non-negative, in
+    row-major order: one for an element, every element a slice or ``...`` selects."""
     if is_lazy(tensor):
         raise LazyTargetError(
             f"{api}: target {text!r} names {name!r}, an uninitialized parameter or buffer of a lazy module "
@@ -136,9 +173,13 @@ def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None
             example = _label(name, tuple(0 for _ in shape))
             raise ValueError(
                 f"{api}: target {text!r} names {name!r}, which holds {tensor.numel()} elements "
-                f"(shape {shape}); pick one element with an index, such as {example!r}."
+                f"(shape {shape}); pick one element with an index, such as {example!r}, or all with "
+                f"{name + '[...]'!r}."
             )
-        return tuple(0 for _ in shape)
+        return [tuple(0 for _ in shape)]
+    if Ellipsis in index:  # as many full slices as the dimensions the other items leave
+        at = index.index(Ellipsis)
+        index = (*index[:at], *(slice(None),) * (len(shape) - len(index) + 1), *index[at + 1 :])
     if len(index) != len(shape):
         if not shape:
             raise IndexError(
@@ -150,15 +191,18 @@ def _element(text: str, name: str, tensor: Tensor, index: tuple[int, ...] | None
             f"dimension(s) (shape {shape}); give one index per dimension, such as "
             f"{_label(name, tuple(0 for _ in shape))!r}."
         )
-    normalised = []
     for dim, (i, size) in enumerate(zip(index, shape, strict=True)):
-        if not -size <= i < size:
+        if isinstance(i, int) and not -size <= i < size:
             raise IndexError(
                 f"{api}: index {i} of target {text!r} is out of range for dimension {dim} of {name!r} "
                 f"(shape {shape}); valid indices are {-size}..{size - 1}."
             )
-        normalised.append(i % size)
-    return tuple(normalised)
+    pairs = zip(index, shape, strict=True)
+    ranges = [range(size)[i] if isinstance(i, slice) else [cast(int, i) % size] for i, size in pairs]
+    elements = [tuple(e) for e in itertools.product(*ranges)]  # row-major, as torch lays elements out
+    if not elements:
+        raise IndexError(f"{api}: target {text!r} selects no element of {name!r} (shape {shape}).")
+    return elements
 
 
 def _several(text: str) -> list[str] | None:
@@ -245,15 +289,21 @@ def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -
                 f"{api}: {text!r} is not a parameter or buffer of {owner}" + _suggest(text, given, list(shown), index)
             )
         for display, name in matches:
-            element = _element(text, display, tensors[name], index, api)
-            label = _label(display, element if index is not None else None)
-            key = (name, element)
-            if key in seen:
-                first, first_label = seen[key]
-                same = repr(label) if first_label == label else f"{first_label!r} and {label!r}, one tied tensor"
-                raise ValueError(f"{api}: targets {first!r} and {text!r} both name {same}; list each element once.")
-            seen[key] = (text, label)
-            resolved.append(ResolvedTarget(name=name, index=element, label=label, text=text))
+            for element in _elements(text, display, tensors[name], index, api):
+                label = _label(display, element if index is not None and element else None)
+                key = (name, element)
+                if key in seen:
+                    first, first_label = seen[key]
+                    same = repr(label) if first_label == label else f"{first_label!r} and {label!r}, one tied tensor"
+                    raise ValueError(f"{api}: targets {first!r} and {text!r} both name {same}; list each element once.")
+                seen[key] = (text, label)
+                resolved.append(ResolvedTarget(name=name, index=element, label=label, text=text))
+            if len(resolved) > MAX_TARGETS:
+                raise ValueError(
+                    f"{api}: target {text!r} brings the targets to {len(resolved)} scalars, more than "
+                    f"{MAX_TARGETS}: the monitor keeps K x K sums and pushes K tangents. Name fewer elements, such "
+                    f"as a slice ('{display}[0, :]') or a few elements."
+                )
     return resolved
 
 
@@ -269,3 +319,15 @@ def target_tensors(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> dic
             )
         out.setdefault(target.name, tensors[target.name])
     return out
+
+
+def target_values(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> Tensor:
+    """The targets' values, ``[K]`` float64 on the host (one copy; a sharded ``DTensor`` is gathered first, a
+    collective: every process must call this)."""
+    tensors = target_tensors(module, resolved)
+    full = {}
+    for name, tensor in tensors.items():
+        value = tensor.detach()
+        full[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    values = [full[t.name][t.index].to(torch.float64) for t in resolved]
+    return torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from torch import Tensor
 import lightning_sensitivity._arguments as _arguments
 from lightning_sensitivity._batches import API, Differentiator
 from lightning_sensitivity._engine import Method, Normalize
+from lightning_sensitivity._identify import covariance
 from lightning_sensitivity._publish import Publisher
 from lightning_sensitivity._report import Report
 from lightning_sensitivity._stage import StageRun, StageSettings
@@ -62,8 +64,10 @@ class SensitivityMonitor(Callback):
 
     Args:
         targets: parameters or buffers of the LightningModule: ``"C"`` (one element), ``"net.0.weight[3, 1]"``
-            (one element of a tensor), or a glob such as ``"blocks.*.alpha"``; one string or a list. Checked in
-            ``setup``, before the first training step (targets inside lazy modules, once they are materialised).
+            (one element of a tensor), ``"net.0.weight[...]"`` or ``"net.0.weight[3, :]"`` (every element, a
+            slice: one target per element), or a glob such as ``"blocks.*.alpha"``; one string or a list.
+            Checked in ``setup``, before the first training step (targets inside lazy modules, once they are
+            materialised).
         every_n_epochs: run on validation epochs whose ``current_epoch + 1`` is a multiple of this
             (``trainer.validate`` always runs).
         max_batches: at most this many batches of each dataloader per epoch; ``None``: all.
@@ -109,6 +113,10 @@ class SensitivityMonitor(Callback):
             Where a batch holds samples and repeats, the output must have one row per sample, in order, as
             ``pl_module(batch[0])`` has; otherwise (a flattened output, a filter) the epoch ends with a
             ``ValueError`` on every process that says what to do.
+        noise_std: the standard deviation σ of the observation noise on each aggregated value (each output
+            element with ``reduction="none"``), in the output's units. With it, :meth:`summary` gives each
+            target's standard error (``stderr``), the scalar ``<prefix>/<target>/stderr`` is logged, and
+            :meth:`fisher` and :meth:`covariance` are scaled by ``1/σ²`` and ``σ²``.
 
     Raises:
         ValueError: a bad argument, named in the message.
@@ -146,6 +154,7 @@ class SensitivityMonitor(Callback):
         log_figures: bool | int = True,
         buckets_per_octave: int = 8,
         drop_padded_duplicates: bool = True,
+        noise_std: float | None = None,
     ) -> None:
         def api(name: str) -> str:
             return f"{API}({name}=...)"
@@ -162,6 +171,8 @@ class SensitivityMonitor(Callback):
         _arguments.verify_value(verify, api("verify"))
         _arguments.tag_prefix(prefix, api("prefix"))
         _arguments.indices(dataloaders, api("dataloaders"))
+        if noise_std is not None and not (isinstance(noise_std, (int, float)) and 0 < noise_std < math.inf):
+            raise ValueError(f"{api('noise_std')}: must be a positive number or None; got {noise_std!r}.")
         if not (isinstance(log_figures, bool) or (isinstance(log_figures, int) and log_figures >= 0)):
             raise ValueError(f"{api('log_figures')}: must be True, False or a number of epochs; got {log_figures!r}.")
         self.every_n_epochs = every_n_epochs
@@ -183,6 +194,8 @@ class SensitivityMonitor(Callback):
         self.log_figures = log_figures
         self.buckets_per_octave = buckets_per_octave
         self.drop_padded_duplicates = drop_padded_duplicates
+        self.noise_std = None if noise_std is None else float(noise_std)
+        """The ``noise_std`` argument, as a float (``None``: not given)."""
         self.epochs_logged = 0
         """Validation epochs whose statistics were logged, across resumes from checkpoints."""
         self._results = _Results()
@@ -231,7 +244,8 @@ class SensitivityMonitor(Callback):
         """The statistics of the last logged epoch, per target: ``count``, ``nonfinite``, ``mean``, ``std``,
         ``abs_mean`` (μ*), ``mean_square`` (ν, the DGSM measure), ``min``, ``max`` and ``rank`` (1 = largest
         ``abs_mean``), as Python numbers, of the values the monitor aggregates (after ``reduction`` and
-        ``normalize``).
+        ``normalize``), and ``stderr``, the standard error of the target estimated from this data
+        (:meth:`covariance`; NaN without ``noise_std``).
 
         Args:
             stage: ``"validate"``, ``"test"`` or ``"predict"``; ``None``: the stage that ran last.
@@ -261,6 +275,38 @@ class SensitivityMonitor(Callback):
                 f"epoch has profiles for dataloaders {sorted(report.profiles)}."
             )
         return {label: {k: v.clone() for k, v in p.items()} for label, p in report.profiles[dataloader_idx].items()}
+
+    def fisher(
+        self, stage: Stage | None = None, noise_std: float | None = None, *, targets: list[str] | None = None
+    ) -> tuple[list[str], Tensor]:
+        """The Fisher information of the last logged epoch, ``(labels, Tensor[K, K])`` on the host (float64):
+        ``F = Σ s sᵀ / σ²`` over every aggregated value where all targets are finite, ``s`` the raw ``dy/dθ``
+        (in θ's units, whatever ``normalize``); σ is ``noise_std``, else the monitor's, else 1. ``targets``:
+        only these labels (the constants that are fitted; fixed ones left out), in that order."""
+        report = self._results.report(stage, "fisher")
+        return _restricted(report.labels, report.fisher(noise_std), targets, "fisher")
+
+    def covariance(
+        self, stage: Stage | None = None, noise_std: float | None = None, *, targets: list[str] | None = None
+    ) -> tuple[list[str], Tensor]:
+        """The linearised (Cramér–Rao) covariance of the constants fitted to this data, the inverse of
+        :meth:`fisher`, as ``(labels, Tensor[K, K])``; ``inf`` in the row and column of a target the data do not
+        determine (see the docs' page on uncertainty). Its diagonal's square root is
+        ``summary()[label]["stderr"]``. ``targets``: the covariance of these alone, the others held fixed."""
+        labels, f = self.fisher(stage, noise_std, targets=targets)
+        return labels, covariance(f)[0]
+
+    def identifiability(self, stage: Stage | None = None, *, targets: list[str] | None = None) -> dict[str, Any]:
+        """How well the last logged epoch determines each target: ``labels``; ``eigenvalues`` (ascending) and
+        ``eigenvectors`` (columns) of the scaled information ``D F D``, ``D = diag(θ)``; ``subsets``, the
+        collinearity index of pairs and triples of targets; ``verdicts``, plain-language lines;
+        ``estimate_correlation``, the correlation of the estimates (not of the sensitivities). ``targets``: of
+        these labels alone, the others held fixed."""
+        report = self._results.report(stage, "identifiability")
+        if targets is None:
+            return dict(report.identifiability)
+        _restricted(report.labels, report.fisher(), targets, "identifiability")  # checks the labels
+        return report.identifiability_of(targets)
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
@@ -296,6 +342,7 @@ class SensitivityMonitor(Callback):
             buckets_per_octave=self.buckets_per_octave,
             drop_padded_duplicates=self.drop_padded_duplicates,
             log_sanity_check=self.log_sanity_check,
+            noise_std=self.noise_std,
         )
 
     def _check_clashes(self, trainer: Trainer) -> None:
@@ -398,6 +445,16 @@ class SensitivityMonitor(Callback):
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_epoch("predict", trainer, pl_module)
+
+
+def _restricted(labels: list[str], matrix: Tensor, targets: list[str] | None, api: str) -> tuple[list[str], Tensor]:
+    if targets is None:
+        return list(labels), matrix
+    unknown = [t for t in targets if t not in labels]
+    if unknown:
+        raise KeyError(f"{API}.{api}(targets=...): {unknown} are not among the monitor's labels {labels}.")
+    index = [labels.index(t) for t in targets]
+    return list(targets), matrix[index][:, index]
 
 
 class _Results:

@@ -43,8 +43,9 @@ def per_sample_sensitivities(
     Args:
         module: the model. It is evaluated as it is (call ``module.eval()`` first for validation behaviour).
         targets: one target or a list. Each is the name of a parameter or buffer holding one element
-            (``"C"``), one element of a tensor (``"net.0.weight[3, -1]"``), or a glob over names
-            (``"blocks.*.alpha"``) that expands in module order.
+            (``"C"``), one element of a tensor (``"net.0.weight[3, -1]"``), every element or a slice
+            (``"net.0.weight[...]"``, ``"net.0.weight[3, :]"``: one target per element, row-major, labelled
+            ``name[i, j]``), or a glob over names (``"blocks.*.alpha"``) that expands in module order.
         args: positional arguments of the forward call, a tuple (a single tensor is taken as ``(x,)``).
         kwargs: keyword arguments of the forward call.
         method: ``"forward"`` (forward-mode AD: about one tangent pass per target), ``"reverse"`` (reverse mode
@@ -119,7 +120,7 @@ def per_sample_sensitivities(
             hint = "Fix the model, or leave verify=False to accept these values."
             raise SensitivityCheckError(mismatch_message(api, mismatches, "on this batch", hint), mismatches)
 
-    sens, _ = sensitivities_and_output(
+    return sensitivities_and_output(
         module,
         resolved,
         args,
@@ -130,5 +131,4 @@ def per_sample_sensitivities(
         api=api,
         on_check=on_check if verify else None,
         normalize=normalize,
-    )
-    return sens
+    ).values

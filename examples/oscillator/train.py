@@ -68,6 +68,28 @@ def identifiability(monitor: SensitivityMonitor, model, a: str, b: str) -> list[
     return lines
 
 
+def uncertainty(monitor: SensitivityMonitor, model) -> list[str]:
+    """The fitted constants with their standard errors (linearised, from the information of the validation data,
+    the other targets held fixed), the correlation of their estimates, and the identifiability verdicts."""
+    fitted = [label for label in ("k", "c") if label in monitor.labels]
+    if monitor.noise_std is None or len(fitted) < 2:
+        return []
+    labels, cov = monitor.covariance(targets=fitted)
+    errors = cov.diagonal().sqrt()
+    values = [float(getattr(model, label).detach()) for label in labels]
+    shown = ", ".join(f"{label} = {v:.3f} ± {float(e):.2g}" for label, v, e in zip(labels, values, errors, strict=True))
+    r = float(cov[0, 1] / (errors[0] * errors[1]))
+    lines = [
+        f"Fitted: {shown} (1σ, from the validation data with noise_std={monitor.noise_std:g})",
+        f"Correlation of the estimates of {labels[0]} and {labels[1]}: {r:+.3f} (of the estimates, not of the "
+        "sensitivities)",
+        "Identifiability of the physical constants k, c and m (m is fixed here, so a verdict about it does not "
+        "affect the fit):",
+    ]
+    physical = [label for label in ("k", "c", "m") if label in monitor.labels]
+    return lines + [f"  - {verdict}" for verdict in monitor.identifiability(targets=physical)["verdicts"]]
+
+
 def profile_peaks(monitor: SensitivityMonitor) -> list[str]:
     """Where along the trajectory each constant matters most (from ``monitor.profiles()``)."""
     lines = []
@@ -100,6 +122,8 @@ class SensitivityCLI(LightningCLI):
         monitor = monitors[0]
         print(sensitivity_table(monitor))
         for line in identifiability(monitor, model, "k", "c"):
+            print(line)
+        for line in uncertainty(monitor, model):
             print(line)
         if monitor.profiles_enabled:
             print("Profiles along the trajectory:")

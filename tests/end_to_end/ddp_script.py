@@ -53,6 +53,7 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
         prefix="analysis",
         log_figures=False,
         drop_padded_duplicates=not keep_duplicates,
+        noise_std=0.1,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -70,7 +71,14 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
     trainer.fit(
         model, DataLoader(physics_data(16, seed=0), batch_size=4), DataLoader(physics_data(n_val, seed=1), batch_size=4)
     )
-    result = {"summary": analysis.summary(), "correlation": analysis.correlation(), "profiles": analysis.profiles()}
+    result = {
+        "summary": analysis.summary(),
+        "correlation": analysis.correlation(),
+        "profiles": analysis.profiles(),
+        "fisher": analysis.fisher(),
+        "covariance": analysis.covariance(),
+        "identifiability": analysis.identifiability(),
+    }
     torch.save(result, f"{out_dir}/analysis_rank{trainer.global_rank}.pt")
     if then_single:
         rank = trainer.global_rank

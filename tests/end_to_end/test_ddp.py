@@ -86,9 +86,20 @@ def test_ddp_analysis_equals_one_process(runs):
         for label, profile in single["profiles"].items():
             for key in ("mean", "abs_mean"):
                 torch.testing.assert_close(ddp["profiles"][label][key], profile[key], rtol=1e-6, atol=1e-9)
+        for what in ("fisher", "covariance"):  # the raw information, merged by a sum: as from one process
+            assert ddp[what][0] == single[what][0]
+            torch.testing.assert_close(ddp[what][1], single[what][1], rtol=1e-6, atol=1e-12)
+        for label, stats in single["summary"].items():
+            assert ddp["summary"][label]["stderr"] == pytest.approx(stats["stderr"], rel=1e-6)
+        assert ddp["identifiability"]["verdicts"] == single["identifiability"]["verdicts"]
     _, single_scalars = runs["single"]
     _, ddp_scalars = runs["ddp"]
-    for tag in ("analysis/collinearity", "analysis/C/mean_square", "analysis/net.2.bias[1]/nonfinite"):
+    for tag in (
+        "analysis/collinearity",
+        "analysis/C/mean_square",
+        "analysis/net.2.bias[1]/nonfinite",
+        "analysis/C/stderr",
+    ):
         assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6), tag
 
 

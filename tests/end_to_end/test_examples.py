@@ -3,6 +3,7 @@ of SensitivityMonitor from YAML and from flags."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_oscillator_from_yaml_prints_table_and_where_to_look(tmp_path):
     assert "Correlation of the sensitivities to k and c (both fitted): " in out  # the identifiability check
     assert "m (fixed)" in out and "only a combination of k and m is determined" in out
     assert "Most correlated pair: " in out
+    assert re.search(r"Fitted: k = [0-9.]+ ± [0-9.e-]+, c = [0-9.]+ ± [0-9.e-]+ \(1σ", out)  # from covariance()
+    assert "Correlation of the estimates of k and c: " in out
+    assert "Identifiability of the physical constants k, c and m" in out and "\n  - " in out  # its verdicts
     for target in ("k", "c", "m"):  # profiles along the trajectory
         assert f"  {target}: mean |d(position)/d{target}| peaks at time step " in out, target
     log_dir = tmp_path / "runs" / "oscillator" / "version_0"
