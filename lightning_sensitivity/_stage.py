@@ -32,6 +32,22 @@ class StageSettings:
     log_sanity_check: bool
     noise_std: float | None = None
 
+    @classmethod
+    def of(cls, monitor: Any, stage: str) -> StageSettings:
+        """The settings of ``stage`` from a ``SensitivityMonitor``'s arguments."""
+        return cls(
+            monitored=stage in monitor.stages,
+            every_n_epochs=monitor.every_n_epochs,
+            max_batches=monitor.max_batches,
+            dataloaders=monitor.dataloaders,
+            reduction=monitor.reduction,
+            profile_limit=monitor.max_profile_elements if monitor.profiles_enabled else None,
+            buckets_per_octave=monitor.buckets_per_octave,
+            drop_padded_duplicates=monitor.drop_padded_duplicates,
+            log_sanity_check=monitor.log_sanity_check,
+            noise_std=monitor.noise_std,
+        )
+
 
 class StageRun:
     """One stage: :meth:`epoch_start`, :meth:`batch_start`, :meth:`batch_end` and :meth:`epoch_end` are its hooks."""

@@ -13,6 +13,7 @@ import copy
 import inspect
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -312,52 +313,17 @@ class SensitivityMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(trainer)
-        if _starts_processes_from_this_one(trainer):
-            rank_zero_warn(
-                f"{API}: this strategy starts its processes from the script's (ddp_spawn, ddp_fork, "
-                "ddp_notebook): the monitor runs in them, on copies of itself, and the monitor object in the "
-                "launching process is not updated. The logged scalars, histograms, tables and figures are "
-                "right, but summary(), correlation() and profiles() there give nothing from this run (or an "
-                "earlier run's numbers). Use strategy='ddp' to read them in the script."
-            )
+        _warn_if_run_in_other_processes(trainer)
         self._differentiator = self._new_differentiator()
         self._differentiator.resolve(pl_module)
-        self._check_clashes(trainer)
+        _check_clashes(self, trainer)
         self._stages = {
-            name: StageRun(name, self._settings(name), self._differentiator, self._check_clashes)
+            name: StageRun(name, StageSettings.of(self, name), self._differentiator, partial(_check_clashes, self))
             for name in _arguments.STAGES
         }
         self._publisher = Publisher(trainer, self.prefix, self.log_histograms, int(self.log_figures))
         if {"fit": "validate", "validate": "validate", "test": "test"}.get(stage) in self.stages:
             self._publisher.warn_if_incomplete()
-
-    def _settings(self, stage: str) -> StageSettings:
-        return StageSettings(
-            monitored=stage in self.stages,
-            every_n_epochs=self.every_n_epochs,
-            max_batches=self.max_batches,
-            dataloaders=self.dataloaders,
-            reduction=self.reduction,
-            profile_limit=self.max_profile_elements if self.profiles_enabled else None,
-            buckets_per_octave=self.buckets_per_octave,
-            drop_padded_duplicates=self.drop_padded_duplicates,
-            log_sanity_check=self.log_sanity_check,
-            noise_std=self.noise_std,
-        )
-
-    def _check_clashes(self, trainer: Trainer) -> None:
-        """Refuse a second monitor that would write the same tags (one of the two would be lost)."""
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, SensitivityMonitor) or other.prefix != self.prefix:
-                continue
-            shared = [label for label in self.labels if label in other.labels]
-            if shared and set(self.stages) & set(other.stages):
-                raise ValueError(
-                    f"{API}(prefix={self.prefix!r}): another SensitivityMonitor on this Trainer also watches "
-                    f"{shared[0]!r} under the same prefix, so both would write '{self.prefix}/{shared[0]}' at the "
-                    f"same steps and one would be lost. Give one of them its own prefix, such as "
-                    f"SensitivityMonitor(..., prefix='{self.prefix}_2')."
-                )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._differentiator.disarm()
@@ -447,6 +413,21 @@ class SensitivityMonitor(Callback):
         self._end_epoch("predict", trainer, pl_module)
 
 
+def _check_clashes(monitor: SensitivityMonitor, trainer: Trainer) -> None:
+    """Refuse a second monitor that would write the same tags (one of the two would be lost)."""
+    for other in trainer.callbacks:  # type: ignore[attr-defined]
+        if other is monitor or not isinstance(other, SensitivityMonitor) or other.prefix != monitor.prefix:
+            continue
+        shared = [label for label in monitor.labels if label in other.labels]
+        if shared and set(monitor.stages) & set(other.stages):
+            raise ValueError(
+                f"{API}(prefix={monitor.prefix!r}): another SensitivityMonitor on this Trainer also watches "
+                f"{shared[0]!r} under the same prefix, so both would write '{monitor.prefix}/{shared[0]}' at the "
+                f"same steps and one would be lost. Give one of them its own prefix, such as "
+                f"SensitivityMonitor(..., prefix='{monitor.prefix}_2')."
+            )
+
+
 def _restricted(labels: list[str], matrix: Tensor, targets: list[str] | None, api: str) -> tuple[list[str], Tensor]:
     if targets is None:
         return list(labels), matrix
@@ -503,8 +484,15 @@ def _check_strategy(trainer: Trainer) -> None:
             )
 
 
-def _starts_processes_from_this_one(trainer: Trainer) -> bool:
-    """Whether the Trainer runs in processes that its launcher starts from the script's process by
-    multiprocessing (spawn, fork), where the callbacks are copies."""
+def _warn_if_run_in_other_processes(trainer: Trainer) -> None:
+    """Warn where the Trainer runs in processes that its launcher starts from the script's process by
+    multiprocessing (spawn, fork), where the callbacks are copies whose results the script never sees."""
     launcher = getattr(trainer.strategy, "launcher", None)
-    return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
+    if any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__):
+        rank_zero_warn(
+            f"{API}: this strategy starts its processes from the script's (ddp_spawn, ddp_fork, "
+            "ddp_notebook): the monitor runs in them, on copies of itself, and the monitor object in the "
+            "launching process is not updated. The logged scalars, histograms, tables and figures are "
+            "right, but summary(), correlation() and profiles() there give nothing from this run (or an "
+            "earlier run's numbers). Use strategy='ddp' to read them in the script."
+        )
