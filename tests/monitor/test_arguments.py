@@ -221,3 +221,40 @@ def test_two_monitors_on_one_target_need_their_own_prefix(tmp_path):
     assert_histogram(histograms["sensitivity_norm/C"][0], expected_stats(x[:, :1].abs() * 3**0.5))
     assert len(scalars["sensitivity/C/mean"]) == len(scalars["sensitivity_norm/C/mean"]) == 2
     assert t.callback_metrics["sensitivity_norm/C/mean"] > 0
+
+
+class Layered(L.LightningModule):
+    """Layers named as scvi-tools names them: ``Layer 0`` holds a space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict({"Layer 0": nn.Linear(2, 4), "Layer 1": nn.Linear(4, 3)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.enc["Layer 1"](torch.tanh(self.enc["Layer 0"](x)))
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self(batch[0]).mean())
+
+
+def test_targets_named_with_spaces_are_logged_under_their_labels(tmp_path):
+    from tests.helpers import loop_reference
+
+    monitor = SensitivityMonitor(["enc.Layer 0.weight[1, -1]", "enc.*.bias[0]"], log_figures=False)
+    t = trainer(tmp_path, monitor)
+    val = physics_data(12, seed=3)
+    model = Layered()
+    t.validate(model, DataLoader(val, batch_size=4))
+    labels = ["enc.Layer 0.weight[1, 1]", "enc.Layer 0.bias[0]", "enc.Layer 1.bias[0]"]
+    assert monitor.labels == labels
+    histograms, _ = read_events(t.logger.log_dir)
+    for label, value in loop_reference(model.eval(), labels, (val.tensors[0],)).items():
+        assert_histogram(histograms[f"sensitivity/{label}"][0], expected_stats(value))
+    again = SensitivityMonitor(monitor.labels, log_figures=False)  # every label is a target again
+    trainer(tmp_path / "again", again).validate(model, DataLoader(val, batch_size=4))
+    assert again.labels == labels
+
+
+def test_a_comma_separated_string_of_targets_is_refused_with_the_list():
+    with pytest.raises(ValueError, match=r"targets takes a list .*\['K', 'r'\]"):
+        SensitivityMonitor(targets="K, r")
