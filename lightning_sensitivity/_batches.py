@@ -9,6 +9,7 @@ One :class:`Differentiator` serves a monitor for one Trainer run (from ``setup``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -23,12 +24,14 @@ from torch import Tensor
 from lightning_sensitivity._engine import Method, Normalize, Sensitivities, choice_pending, sensitivities_and_output
 from lightning_sensitivity._epoch import several_processes
 from lightning_sensitivity._fused import Call, FusedForward, model_input, taken_over, watching
+from lightning_sensitivity._inputs import fetch, is_input, locate, path_text
 from lightning_sensitivity._model import RandomState
 from lightning_sensitivity._plans import Plans
-from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_targets
+from lightning_sensitivity._targets import LazyTargetError, ResolvedTarget, resolve_all
 from lightning_sensitivity._verify import Mismatch, SensitivityCheckError, mismatch_message
 
 API = "SensitivityMonitor"
+API_TARGETS = f"{API}(targets=...)"
 _STAGE_WORDS = {"validate": "validation", "test": "test", "predict": "predict"}
 
 
@@ -58,7 +61,9 @@ class Differentiator:
             verify,
         )
         self.resolved: list[ResolvedTarget] = []
-        self.pending = False  # targets inside lazy modules, resolved at the first batch
+        self.pending = False  # targets inside lazy modules, and inputs: resolved at the first batch
+        self._inputs: set[str] = set()  # the targets that name inputs in the batch
+        self._batch: Any = None
         self.plans = Plans()
         self.decided = False
         self._to_verify = bool(verify)  # the first batch differentiated is checked against finite differences
@@ -74,15 +79,20 @@ class Differentiator:
     # ---- targets -----------------------------------------------------------------------------------------------
 
     def resolve(self, pl_module: LightningModule) -> None:
-        """Resolve the targets in ``setup``; those inside lazy modules once the model has run (:meth:`resolve_late`)."""
+        """Resolve the targets in ``setup``; those inside lazy modules, and inputs (``batch[0][:, 3]``), at the first
+        batch (:meth:`resolve_late`)."""
+        self._inputs = {text for text in self.targets if _names_input(pl_module, text)}
+        own = [text for text in self.targets if text not in self._inputs]
         try:
-            self.resolved, self.pending = resolve_targets(pl_module, self.targets, f"{API}(targets=...)"), False
+            resolved = resolve_all(pl_module, own, API_TARGETS, {}) if own else []
         except LazyTargetError:
             self.resolved, self.pending = [], True
+            return
+        self.resolved, self.pending = ([], True) if self._inputs else (resolved, False)
 
-    def resolve_late(self, pl_module: LightningModule) -> None:
+    def resolve_late(self, pl_module: LightningModule, batch: Any) -> None:
         try:
-            self.resolved = resolve_targets(pl_module, self.targets, f"{API}(targets=...)")
+            self.resolved = resolve_all(pl_module, self.targets, API_TARGETS, {"batch": batch})
         except LazyTargetError as error:
             raise LazyTargetError(
                 f"{error} The monitor resolves such targets after the first validation_step (test_step, "
@@ -97,6 +107,7 @@ class Differentiator:
         """Watch the step's calls of the module (``_fused.py``): the first with the batch's input first is the call
         to differentiate, and it computes the sensitivities itself where it may (:meth:`_may_take_over`)."""
         self.disarm()
+        self._batch = batch
         module = trainer.lightning_module
         x = model_input(batch)
         if x is None or callable(getattr(module, "sensitivity_step", None)):
@@ -139,6 +150,7 @@ class Differentiator:
         self, trainer: Trainer, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
     ) -> Sensitivities:
         """The batch's sensitivities: from the step's call where it computed them, else after the step."""
+        self._batch = batch
         watch, owned = self._watch, self._owns_watch
         self.disarm()
         if watch is not None and owned and watch.result is not None:
@@ -217,7 +229,7 @@ class Differentiator:
         on_check = functools.partial(self._on_check, trainer, _STAGE_WORDS[stage]) if self._to_verify else None
         result = sensitivities_and_output(
             trainer.lightning_module,
-            self.resolved,
+            self._in_call(trainer.lightning_module, args, kwargs),
             args,
             kwargs,
             plans=self.plans,
@@ -232,6 +244,34 @@ class Differentiator:
         )
         self._to_verify = False
         return result
+
+    def _in_call(self, module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[ResolvedTarget]:
+        """The targets for one call: input targets found in this batch and placed at their tensor's path in the
+        call's arguments (``batch[0]`` is ``args[0]`` of ``pl_module(batch[0])``, ``args[0][0]`` of
+        ``sensitivity_step(batch, batch_idx)``)."""
+        if not self._inputs:
+            return self.resolved
+        arguments = {"args": args, "kwargs": kwargs}
+        found = resolve_all(module, self.targets, API_TARGETS, {"batch": self._batch})
+        if [t.label for t in found] != self.labels:
+            raise ValueError(
+                f"{API_TARGETS}: this batch gives the targets {[t.label for t in found]}, the first gave "
+                f"{self.labels}: inputs named with slices must keep their shape from batch to batch."
+            )
+        placed = []
+        for target in found:
+            if target.is_input:
+                path = locate(fetch({"batch": self._batch}, target.path), arguments)
+                if path is None:
+                    raise ValueError(
+                        f"{API_TARGETS}: {target.label!r} names {target.name}, which the call the monitor "
+                        f"differentiates, {describe(type(module).__name__, (args, kwargs))}, does not take. Define "
+                        f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} to compute the "
+                        "output from the batch, or name an input the step passes to the model."
+                    )
+                target = dataclasses.replace(target, name=path_text(str(path[0]), path[1:]), path=path)
+            placed.append(target)
+        return placed
 
     def _on_check(self, trainer: Trainer, stage_word: str, mismatches: list[Mismatch]) -> None:
         """The verdict of the finite-difference check on this process's first batch; every process learns
@@ -323,3 +363,10 @@ def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None
             f"Define `sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
             "shaped [samples, ...] (for example `x, t, y = batch; return self(x, t)`)."
         ) from None
+
+
+def _names_input(module: LightningModule, text: str) -> bool:
+    """Whether ``text`` names an input in the batch (``batch[...]``) rather than a parameter or buffer."""
+    head = text.strip().split("[")[0].strip()
+    names = [name for name, _ in (*module.named_parameters(), *module.named_buffers())]
+    return is_input(text, ("batch",)) and not any(name.split(".")[0] == head for name in names)

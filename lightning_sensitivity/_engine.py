@@ -84,10 +84,16 @@ def sensitivities_and_output(
     """
     kwargs = {} if kwargs is None else kwargs
     plan = plans[module]
-    model = Model(module, args, kwargs, plan, function, api, running_stats=running_statistics(module, resolved, api))
-    tensors = target_tensors(module, resolved)
+    paths = {t.name: t.path for t in resolved if t.is_input}
+    running_stats = running_statistics(module, resolved, api)
+    model = Model(module, args, kwargs, plan, function, api, running_stats=running_stats, paths=paths)
+    tensors = target_tensors(module, resolved, {"args": args, "kwargs": kwargs})
     losses = Losses(on_lost)
+    if paths:
+        check_inputs(model, resolved, tensors)
     if uses_fsdp(module):
+        if paths:
+            raise ValueError(f"{api}: input targets are not supported for a model sharded with FSDP (fully_shard).")
         with ShardedModel(model, resolved, tensors) as sharded:
             sens, output = _sharded(sharded, method, chunk_size, on_check, losses)
             values = sharded.values() if normalize != "none" else {}
@@ -97,15 +103,55 @@ def sensitivities_and_output(
         losses.apply(sens)
         if checker is not None and on_check is not None:
             on_check([m for t in resolved if (m := checker.check(t, sens[t.label])) is not None])
-        values = {t.label: tensors[t.name].detach()[t.index] for t in resolved}  # on the device: no host sync
+        values = {t.label: tensors[t.name].detach()[t.element] for t in resolved}  # on the device: no host sync
     if normalize == "none":
         return Sensitivities(sens, output, sens)
     scaled = {}
     for target in resolved:
         theta = values[target.label].to(output.dtype)
+        if target.is_input:  # each sample's own value, [B] -> [B, 1, ...]
+            theta = theta.reshape(-1, *(1,) * (output.dim() - 1))
         factor = theta if normalize == "parameter" else theta / output
         scaled[target.label] = factor * sens[target.label]
     return Sensitivities(scaled, output, sens)
+
+
+def check_inputs(model: Model, resolved: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> None:
+    """Input targets give each sample's derivative with respect to its own input, which a tangent on every
+    sample's element at once gives only where samples do not mix: checked once per signature and batch layout,
+    by a backward pass from the other samples' outputs to the first sample's input (it must be zero)."""
+    key = ("inputs", signature(model, resolved), _batch_layout(model))
+    if key in model.plan.per_sample_checked:
+        return
+    output = model.plain()
+    for name in dict.fromkeys(t.name for t in resolved if t.is_input):
+        x = tensors[name]
+        if output.dim() == 0 or x.shape[0] != output.shape[0]:
+            label = next(t.label for t in resolved if t.name == name)
+            raise ValueError(
+                f"{model.api}: input target {label!r} has {x.shape[0]} rows, but the output of {model.name} has "
+                f"{output.shape[0] if output.dim() else 'no'} samples: an input target's first dimension must be "
+                "the output's samples."
+            )
+        if x.shape[0] < 2:
+            continue
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            try:
+                rest = model({name: leaf})[1:].sum()
+                (grad,) = torch.autograd.grad(rest, leaf, allow_unused=True)
+            except RuntimeError as error:  # no backward pass to check by: taken on trust, said in the debug log
+                _LOG.debug("%s: could not check that samples do not mix (%s)", model.name, culprit(error))
+                continue
+        if grad is not None and bool(grad[0].ne(0).any()):
+            label = next(t.label for t in resolved if t.name == name)
+            raise ValueError(
+                f"{model.api}: {model.name} mixes samples: the first sample's {name} moves the other samples' "
+                f"outputs (batch norm in training mode, attention or pooling across the batch). Input target "
+                f"{label!r} means each sample's derivative with respect to its own input, which is not defined "
+                "here; call .eval(), or differentiate one sample at a time."
+            )
+    model.plan.per_sample_checked.add(key)
 
 
 def choice_pending(

@@ -121,11 +121,12 @@ def subsets(labels: Sequence[str], products: Tensor) -> tuple[dict[tuple[str, ..
 
 def identifiability(labels: Sequence[str], f: Tensor, products: Tensor, theta: Tensor) -> dict[str, Any]:
     """The identifiability report: ``labels``; ``eigenvalues`` (ascending) and ``eigenvectors`` (columns) of the
-    scaled information ``D F D`` with ``D = diag(|θ|)`` (relative changes; ``D = 1`` for a target at θ = 0); the
+    scaled information ``D F D`` with ``D = diag(|θ|)`` (relative changes; ``D = 1`` for a target at θ = 0, and for
+    an input, whose θ is NaN: one value per sample); the
     collinearity index of ``subsets`` of targets; and ``verdicts``, plain-language lines."""
     f = f.to(torch.float64)
     theta = theta.to(torch.float64)
-    d = torch.where(theta != 0, theta.abs(), torch.ones_like(theta))
+    d = torch.where((theta != 0) & torch.isfinite(theta), theta.abs(), torch.ones_like(theta))  # inputs: NaN
     values, vectors = torch.linalg.eigh(f * torch.outer(d, d))
     sigma, unbounded = covariance(f)
     found, note = subsets(labels, products)

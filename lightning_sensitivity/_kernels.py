@@ -119,6 +119,8 @@ def running_statistics(module: nn.Module, resolved: Sequence[ResolvedTarget], ap
     statistic of a normalisation layer in training mode, whose output does not depend on it."""
     found = False
     for target in resolved:
+        if target.is_input:
+            continue
         owner_name, _, attr = target.name.rpartition(".")
         owner = module.get_submodule(owner_name)
         if attr not in dict(owner.named_buffers(recurse=False)):

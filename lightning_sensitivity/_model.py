@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_sensitivity._inputs import replaced
 from lightning_sensitivity._kernels import BatchNormByOps, DifferentiableGrad, eager, uncached
 from lightning_sensitivity._plans import Plan
 from lightning_sensitivity._products import Products
@@ -65,7 +66,8 @@ class Model:
     running statistics in training mode, leaves the module as it was), runs ``torch.compile``'d code eagerly,
     computes parametrized tensors afresh (not from ``parametrize.cached()``'s cache), and, with
     ``running_stats``, computes evaluation-mode batch norm by elementary ops. What it learns of the module
-    (whether it updates its inputs in place) goes to the module's ``plan``.
+    (whether it updates its inputs in place) goes to the module's ``plan``. ``paths`` names the inputs that are
+    targets (``{"args[0]": ("args", 0)}``): a tensor given under such a name replaces that input.
     """
 
     def __init__(
@@ -77,9 +79,11 @@ class Model:
         function: Callable[..., Any] | None = None,
         api: str = "per_sample_sensitivities",
         running_stats: bool = False,
+        paths: dict[str, tuple[str | int, ...]] | None = None,
     ) -> None:
         self.module = module
         self.plan = plan
+        self.paths = {} if paths is None else paths
         #: the inputs as the caller gave them, to read (shapes, dtypes), not to evaluate on: see :attr:`args`
         self.inputs = args, kwargs
         # Until the module is known to leave its inputs alone, evaluations get copies of them: a model that updates
@@ -92,7 +96,7 @@ class Model:
 
     def on(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Model:
         """The same module, function and settings on other inputs (a part of the batch, say)."""
-        model = Model(self.module, args, kwargs, self.plan, None, self.api, self.running_stats)
+        model = Model(self.module, args, kwargs, self.plan, None, self.api, self.running_stats, self.paths)
         model.runner, model.name = self.runner, self.name
         return model
 
@@ -139,6 +143,8 @@ class Model:
         as adjoint ODE solvers do, must see them); with ``products``, under that mode (see ``_products.py``); with
         ``inner_graphs``, a derivative the model takes inside (``torch.autograd.grad``) builds its graph, so that
         reverse mode can differentiate it (:class:`~lightning_sensitivity._kernels.DifferentiableGrad`)."""
+        inputs = {name: tensor for name, tensor in tensors.items() if name in self.paths}
+        tensors = {name: tensor for name, tensor in tensors.items() if name not in self.paths}
         private = _private_buffers(self.layout, tensors)
         args = self.args if args is None else args
         kwargs = self.kwargs if kwargs is None else kwargs
@@ -148,6 +154,11 @@ class Model:
             record = None
         if record is not None:
             record.count += 1
+        if inputs:  # the targeted inputs, in their place in the call's arguments
+            arguments: dict[str, Any] = {"args": args, "kwargs": kwargs}
+            for name, tensor in inputs.items():
+                arguments = replaced(arguments, self.paths[name], tensor)
+            args, kwargs = arguments["args"], arguments["kwargs"]
         versions = _versions((args, kwargs))
         before = {id(copy): copy._version for copy in private.values()}
         swap = Swap(self.layout, {**private, **tensors})

@@ -33,7 +33,7 @@ def _one_hot(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor], batched
     """Tangents ``{name: [len(part), *shape]}`` (``batched``) or ``{name: shape}``: one 1 per target."""
     tangents = {name: torch.zeros((len(part), *t.shape), dtype=t.dtype, device=t.device) for name, t in tensors.items()}
     for j, target in enumerate(part):
-        tangents[target.name][(j, *target.index)] = 1
+        tangents[target.name][(j, *target.element)] = 1  # an input's: at its element of every sample
     return tangents if batched else {name: t[0] for name, t in tangents.items()}
 
 
@@ -47,11 +47,12 @@ def _on(device: torch.device, data: Any, dtype: torch.dtype) -> Tensor:
 
 def _rows(part: Sequence[ResolvedTarget], tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Where the one-hot tangents of ``part`` put their 1, row by row, for the tensors that products use as
-    weights (two dimensions or more): ``index[name] [len(part), dim]`` and ``mask[name] [len(part)]``, false in
-    the rows of targets in other tensors."""
+    weights (two dimensions or more; not inputs, whose tangent is 1 in every sample): ``index[name] [len(part),
+    dim]`` and ``mask[name] [len(part)]``, false in the rows of targets in other tensors."""
     index, mask = {}, {}
+    inputs = {target.name for target in part if target.is_input}
     for name, tensor in tensors.items():
-        if tensor.dim() >= 2:
+        if tensor.dim() >= 2 and name not in inputs:
             rows = [target.index if target.name == name else (0,) * tensor.dim() for target in part]
             index[name] = _on(tensor.device, rows, torch.long)
             mask[name] = _on(tensor.device, [target.name == name for target in part], torch.bool)
@@ -165,7 +166,8 @@ def _tangent_by_dual_numbers(
         with torch.enable_grad():
             leaf = writable(tensors[target.name].detach()).requires_grad_(True)
             dual: Tensor = fwAD.make_dual(leaf, tangent)  # type: ignore[no-untyped-call]
-        one_hot = [OneHot(dual, _on(dual.device, target.index, torch.long))] if dual.dim() >= 2 else []
+        weight = dual.dim() >= 2 and not target.is_input  # an input's tangent is 1 in every sample: not one-hot
+        one_hot = [OneHot(dual, _on(dual.device, target.index, torch.long))] if weight else []
         mode = products([dual], one_hot)
         with torch.set_grad_enabled(grad):
             args, kwargs = writable(model.args), writable(model.kwargs)
@@ -183,7 +185,7 @@ def reverse(
     leaves are still in place in the module."""
     names = list(tensors)
 
-    def backward(output: Tensor) -> tuple[Tensor, list[list[Tensor | None]] | None]:
+    def backward(output: Tensor) -> tuple[Tensor, list[tuple[Tensor, list[Tensor | None]]] | None]:
         flat = output.reshape(-1)
         n = flat.numel()
         if not flat.requires_grad:  # no target reaches the output
@@ -194,7 +196,7 @@ def reverse(
             rows = torch.arange(start, min(start + step, n), device=flat.device)
             cotangents = torch.zeros((len(rows), n), dtype=flat.dtype, device=flat.device)
             cotangents[torch.arange(len(rows), device=flat.device), rows] = 1
-            blocks.append(_batched_vjp(flat, [leaves[name] for name in names], cotangents))
+            blocks.append((rows, _batched_vjp(flat, [leaves[name] for name in names], cotangents)))
         return output, blocks
 
     with torch.inference_mode(False), torch.enable_grad(), forward_ad_kernels(True, rnn=False):
@@ -204,17 +206,28 @@ def reverse(
     output = output.detach()
     out: dict[str, Tensor] = {}
     missing: list[ResolvedTarget] = []
+    per_sample = output[0].numel() if output.shape[0] else 1
     for target in resolved:
         k = names.index(target.name)
-        if blocks is None or any(block[k] is None for block in blocks):
+        if blocks is None or any(grads[k] is None for _, grads in blocks):
             missing.append(target)
             out[target.label] = torch.zeros_like(output)
         elif not blocks:  # an empty output
             out[target.label] = torch.zeros_like(output)
         else:
-            parts = [block[k][(slice(None), *target.index)] for block in blocks]
+            parts = [_element_of(cast(Tensor, grads[k]), rows, per_sample, target) for rows, grads in blocks]
             out[target.label] = torch.cat(parts).to(output.dtype).reshape(output.shape)
     return out, missing, output
+
+
+def _element_of(grads: Tensor, rows: Tensor, per_sample: int, target: ResolvedTarget) -> Tensor:
+    """The target's element of each row's gradient ``[C, *shape]``; for an input, of the row's own sample (the
+    output element ``rows[c]`` belongs to sample ``rows[c] // per_sample``): sample i's derivative with respect
+    to its own input."""
+    element: tuple[Any, ...] = (slice(None), *target.index)
+    if target.is_input:
+        element = (torch.arange(len(rows), device=grads.device), rows // per_sample, *target.index)
+    return grads[element]
 
 
 def _batched_vjp(output: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_sensitivity._inputs import fetch
 from lightning_sensitivity._model import Model, Result
 from lightning_sensitivity._targets import ResolvedTarget
 
@@ -72,9 +73,11 @@ def per_sample_reverse(
         raise NotPerSample("no input has the output's sample dimension first")
     names = list(dict.fromkeys(t.name for t in resolved))
     slots = {name: [k for k, t in enumerate(resolved) if t.name == name] for name in names}
+    paths = {t.name: t.path for t in resolved if t.is_input}  # inputs: each sample's own, moved by delta
     if chunk_size is None:
         cotangents = min(max(1, output[0].numel()), _OUTPUT_CHUNK)
-        chunk_size = max(1, _BLOCK_ELEMENTS // (cotangents * sum(tensors[name].numel() for name in names)))
+        sizes = sum(tensors[name][0].numel() if name in paths else tensors[name].numel() for name in names)
+        chunk_size = max(1, _BLOCK_ELEMENTS // (cotangents * sizes))
 
     def one_sample(delta: Tensor, sample: list[Tensor]) -> Tensor:
         it = iter(sample)
@@ -82,6 +85,10 @@ def per_sample_reverse(
         args, kwargs = tree_unflatten(one, spec)
         replaced = {}
         for name in names:
+            if name in paths:  # this sample's own input, [1, ...]
+                own = fetch({"args": args, "kwargs": kwargs}, paths[name])
+                replaced[name] = own.index_put(indices[name], delta[slots[name]].to(own.dtype), accumulate=True)
+                continue
             moved = delta[slots[name]].to(fixed[name].dtype)
             if fixed[name].dim() == 0:
                 replaced[name] = fixed[name] + moved.sum()  # one target: the tensor itself
@@ -105,7 +112,8 @@ def per_sample_reverse(
         fixed = {name: _ordinary(tensors[name].detach()) for name in names}
         indices = {
             name: tuple(
-                torch.tensor(c, device=first.device) for c in zip(*(resolved[k].index for k in ks), strict=True)
+                torch.tensor(c, device=first.device, dtype=torch.long)
+                for c in zip(*(((0,) if name in paths else ()) + resolved[k].index for k in ks), strict=True)
             )
             for name, ks in slots.items()
         }

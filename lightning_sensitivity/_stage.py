@@ -109,7 +109,7 @@ class StageRun:
             self.differentiator.disarm()
             return
         if self.differentiator.pending:
-            self.differentiator.resolve_late(trainer.lightning_module)
+            self.differentiator.resolve_late(trainer.lightning_module, batch)
             self.resolved(trainer)
             self._start_aggregators(trainer)
         sens = self.differentiator.differentiate(trainer, self.name, batch, batch_idx, dataloader_idx)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import itertools
+import math
 import re
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,21 +43,35 @@ class LazyTargetError(ValueError):
 
 @dataclass(frozen=True)
 class ResolvedTarget:
-    """One scalar inside a module.
+    """One scalar inside a module, or one element of every sample's input.
 
     Attributes:
         name: name of the parameter or buffer, as in ``module.named_parameters()`` (for a tied tensor, the
-            first of its names there).
-        index: index of the element inside that tensor, non-negative, one entry per dimension.
+            first of its names there); for an input, the text of its path in the call, such as ``args[0]``.
+        index: index of the element inside that tensor, non-negative, one entry per dimension (for an input,
+            per dimension after the sample's).
         label: canonical text, ``name`` or ``name[i, j]`` with the name as given (a tied tensor keeps the name
-            the user chose) less any ``_orig_mod.`` segment of ``torch.compile``; the key of every result.
+            the user chose) less any ``_orig_mod.`` segment of ``torch.compile``; the key of every result. An
+            input's is ``batch[0][:, 3]`` or ``args[0][:, 3]``: the sample dimension first.
         text: the target text the user gave (a glob keeps the glob's text).
+        path: for an input, where its tensor is in the call's arguments: ``("args", 0)``, ``("kwargs", "y0")``
+            and deeper keys; empty for a parameter or buffer.
     """
 
     name: str
     index: tuple[int, ...]
     label: str
     text: str
+    path: tuple[str | int, ...] = ()
+
+    @property
+    def is_input(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def element(self) -> tuple[int | slice, ...]:
+        """What to index the target's tensor with: its element, and every sample's for an input."""
+        return (slice(None), *self.index) if self.path else self.index
 
 
 def _label(name: str, index: tuple[Index, ...] | None) -> str:
@@ -307,11 +322,20 @@ def resolve_targets(module: nn.Module, targets: str | Sequence[str], api: str) -
     return resolved
 
 
-def target_tensors(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> dict[str, Tensor]:
-    """The module's tensors that ``resolved`` points into, by name, in first-use order."""
+def target_tensors(
+    module: nn.Module, resolved: Sequence[ResolvedTarget], arguments: dict[str, Any] | None = None
+) -> dict[str, Tensor]:
+    """The tensors that ``resolved`` points into, by name, in first-use order: the module's, and the inputs' at
+    their paths in ``arguments`` (``{"args": ..., "kwargs": ...}``)."""
     tensors = _named_tensors(module)
     out: dict[str, Tensor] = {}
     for target in resolved:
+        if target.is_input:
+            value: Any = arguments
+            for key in target.path:
+                value = value[key]
+            out.setdefault(target.name, value)
+            continue
         if target.name not in tensors:
             raise ValueError(
                 f"target {target.label!r} was resolved against another module: {type(module).__name__} has no "
@@ -323,11 +347,50 @@ def target_tensors(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> dic
 
 def target_values(module: nn.Module, resolved: Sequence[ResolvedTarget]) -> Tensor:
     """The targets' values, ``[K]`` float64 on the host (one copy; a sharded ``DTensor`` is gathered first, a
-    collective: every process must call this)."""
-    tensors = target_tensors(module, resolved)
+    collective: every process must call this); NaN for an input, which has one value per sample."""
+    tensors = target_tensors(module, [t for t in resolved if not t.is_input])
     full = {}
     for name, tensor in tensors.items():
         value = tensor.detach()
         full[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
-    values = [full[t.name][t.index].to(torch.float64) for t in resolved]
+    device = next(iter(full.values())).device if full else torch.device("cpu")
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+    values = [nan if t.is_input else full[t.name][t.index].to(torch.float64) for t in resolved]
     return torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)
+
+
+def resolve_all(
+    module: nn.Module, targets: str | Sequence[str], api: str, arguments: dict[str, Any] | None
+) -> list[ResolvedTarget]:
+    """:func:`resolve_targets` for the module's tensors, and input targets (``args[0][:, 3]``, ``batch['y0']``)
+    resolved in ``arguments`` (``{"args": ..., "kwargs": ...}`` or ``{"batch": ...}``), in the order given."""
+    from lightning_sensitivity._inputs import is_input, resolve
+
+    texts = target_list(targets, api)
+    roots = set(arguments or ())
+    names = _named_tensors(module)
+    owned = {name.split(".")[0].split("[")[0] for name in names}
+
+    def an_input(text: str) -> bool:
+        return is_input(text, roots) and text.strip().split("[")[0].strip() not in owned
+
+    ours = [text for text in texts if not an_input(text)]
+    of_module = iter(resolve_targets(module, ours, api)) if ours else iter(())
+    by_text: dict[str, list[ResolvedTarget]] = {}
+    for target in of_module:
+        by_text.setdefault(target.text, []).append(target)
+    resolved: list[ResolvedTarget] = []
+    seen: set[str] = set()
+    for text in texts:
+        found = resolve(text, arguments or {}, api) if an_input(text) else by_text.pop(text, [])
+        for target in found:
+            if target.label in seen:
+                raise ValueError(f"{api}: target {text!r} names {target.label!r} again; list each element once.")
+            seen.add(target.label)
+        resolved.extend(found)
+    if len(resolved) > MAX_TARGETS:
+        raise ValueError(
+            f"{api}: the targets make {len(resolved)} scalars, more than {MAX_TARGETS}: the monitor keeps K x K sums "
+            "and pushes K tangents. Name fewer elements."
+        )
+    return resolved

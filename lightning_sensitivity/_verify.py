@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,10 +119,19 @@ class FiniteDifferences:
             self._base = self.evaluate({})
         return self._base
 
-    def moved(self, target: ResolvedTarget) -> tuple[Tensor, Tensor, float, float]:
-        """Outputs at ``θ - h`` and ``θ + h`` and the realised steps down and up."""
-        down, up, step_down, step_up = stepped(self.tensors[target.name], target.index)
-        if not (step_down > 0 and step_up > 0):
+    def moved(self, target: ResolvedTarget) -> tuple[Tensor, Tensor, Step, Step]:
+        """Outputs at ``θ - h`` and ``θ + h`` and the realised steps down and up: numbers, or for an input (every
+        sample's element moved at once, by its own step) tensors shaped to divide the output ``[B, 1, ...]``."""
+        tensor = self.tensors[target.name]
+        step_down: Step
+        step_up: Step
+        if target.is_input:
+            down, up, steps_down, steps_up = stepped_inputs(tensor, target.index)
+            shape = (-1, *(1,) * (self.base().dim() - 1))
+            step_down, step_up = steps_down.reshape(shape), steps_up.reshape(shape)
+        else:
+            down, up, step_down, step_up = stepped(tensor, target.index)
+        if not _realised(step_down, step_up):
             nan = torch.full_like(self.base(), math.nan)
             return nan, nan, math.nan, math.nan
         return self.evaluate({target.name: down}), self.evaluate({target.name: up}), step_down, step_up
@@ -131,7 +141,7 @@ class FiniteDifferences:
         they agree."""
         y0 = self.base()
         y_down, y_up, step_down, step_up = self.moved(target)
-        if not (step_down > 0 and step_up > 0):
+        if not _realised(step_down, step_up):
             return None  # a non-finite θ: nothing to compare
         central = (y_up - y_down) / (step_up + step_down)
         forward = (y_up - y0) / step_up
@@ -141,21 +151,23 @@ class FiniteDifferences:
         zero = torch.zeros((), dtype=a.dtype, device=a.device)
         a, central, forward, backward = (torch.where(finite, v, zero) for v in (a, central, forward, backward))
         error = torch.stack([(a - central).abs(), (a - forward).abs(), (a - backward).abs()]).amin(0)
-        noise = _noise(ad.dtype, y0, y_down, y_up, step=min(step_down, step_up))
+        noise = _noise(ad.dtype, y0, y_down, y_up, step=_smaller(step_down, step_up))
         excess = torch.where(finite, (error - noise).clamp_min(0), zero)
         ad_norm, fd_norm, error_norm = (float(torch.linalg.vector_norm(v)) for v in (a, central, excess))
         dtype = min(ad.dtype, self.tensors[target.name].dtype, key=lambda d: torch.finfo(d).bits)
         if error_norm > tolerance(dtype) * max(ad_norm, fd_norm):
             still = (y_down == y0) & (y_up == y0)  # rounding that freezes the output, or a flat function
             frozen_norm = float(torch.linalg.vector_norm(torch.where(still, excess, zero)))
-            return Mismatch(target.label, ad_norm, fd_norm, error_norm, step_down + step_up, frozen_norm)
+            step = step_down + step_up
+            step = float(step.nanmean()) if isinstance(step, Tensor) else step
+            return Mismatch(target.label, ad_norm, fd_norm, error_norm, step, frozen_norm)
         return None
 
     def depends(self, target: ResolvedTarget, dtype: torch.dtype) -> Tensor | None:
         """The central differences along ``target`` if the output (of ``dtype``) moves beyond rounding noise,
         else ``None``."""
         y_down, y_up, step_down, step_up = self.moved(target)
-        if not (step_down > 0 and step_up > 0):
+        if not _realised(step_down, step_up):
             return None
         central = (y_up - y_down) / (step_down + step_up)
         beyond = (central.abs() > _noise(dtype, y_down, y_up, step=step_down + step_up)) & torch.isfinite(central)
@@ -170,7 +182,7 @@ class FiniteDifferences:
         if not tensor.is_floating_point():
             return True
         poisoned = tensor.clone()
-        poisoned[target.index] = math.nan
+        poisoned[target.element] = math.nan
         try:
             output = self.evaluate({target.name: poisoned})
         except Exception:  # noqa: BLE001 - a model that refuses NaN (a distribution's checks, an ODE step size):
@@ -183,7 +195,7 @@ class FiniteDifferences:
         swapped: then the model reads it through another reference (a ``functools.partial`` or a list holding the
         parameter, a view taken at construction), which no swapped-in tangent reaches either."""
         tensor = self.tensors[target.name]
-        if not tensor.is_floating_point() or tensor.is_inference():  # an inference tensor is read-only here
+        if target.is_input or not tensor.is_floating_point() or tensor.is_inference():  # inference: read-only here
             return False
         with torch.no_grad():  # the write only: the model runs in the caller's mode, which it may need
             kept = tensor[target.index].clone()
@@ -222,7 +234,44 @@ def stepped(tensor: Tensor, index: tuple[int, ...]) -> tuple[Tensor, Tensor, flo
     return down, up, step_down, step_up
 
 
-def _noise(dtype: torch.dtype, *outputs: Tensor, step: float) -> Tensor:
+#: A realised step: a number, or one per sample for an input target.
+Step = float | Tensor
+
+
+def _realised(down: Step, up: Step) -> bool:
+    """Whether a step was taken at all (for an input, for some sample)."""
+    if isinstance(down, Tensor) or isinstance(up, Tensor):
+        return bool(((torch.as_tensor(down) > 0) & (torch.as_tensor(up) > 0)).any())
+    return down > 0 and up > 0
+
+
+def _smaller(a: Step, b: Step) -> Step:
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b)) if isinstance(a, Tensor) else min(a, b)
+
+
+def stepped_inputs(tensor: Tensor, index: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`stepped` for an input: every sample's element ``[:, *index]`` moved by its own step; the realised
+    steps are ``[B]`` (NaN where the element is not finite)."""
+    base = tensor.detach()
+    element: tuple[Any, ...] = (slice(None), *index)
+    with torch.inference_mode(False):
+        theta = base[element].clone()
+        h = torch.finfo(base.dtype).eps ** (1 / 3) * torch.where(theta != 0, theta.abs(), torch.ones_like(theta))
+        for _ in range(64):  # a step that rounds to nothing grows until it is represented
+            down, up = base.clone(), base.clone()
+            down[element] = theta - h
+            up[element] = theta + h
+            step_down, step_up = theta - down[element], up[element] - theta
+            pending = ((step_down <= 0) | (step_up <= 0)) & torch.isfinite(theta)
+            if not bool(pending.any()):
+                break
+            h = torch.where(pending, 2 * h, h)
+    nan = torch.full_like(theta, math.nan)
+    finite = torch.isfinite(theta)
+    return down, up, torch.where(finite, step_down, nan), torch.where(finite, step_up, nan)
+
+
+def _noise(dtype: torch.dtype, *outputs: Tensor, step: Step) -> Tensor:
     """Per element, the rounding noise of a difference quotient of outputs of ``dtype`` over ``step``."""
     magnitude = torch.stack([y.abs() for y in outputs]).amax(0)
     return NOISE * torch.finfo(dtype).eps * magnitude / step

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import lightning_sensitivity._arguments as _arguments
 from lightning_sensitivity._engine import Method, Normalize, sensitivities_and_output
 from lightning_sensitivity._plans import DEFAULT_PLANS, Plans
-from lightning_sensitivity._targets import resolve_targets
+from lightning_sensitivity._targets import resolve_all
 from lightning_sensitivity._verify import Mismatch, SensitivityCheckError, mismatch_message
 
 __all__ = ["Method", "Normalize", "per_sample_sensitivities"]
@@ -112,8 +112,8 @@ def per_sample_sensitivities(
     _arguments.one_of(normalize, _arguments.NORMALIZATIONS, api, "normalize")
     if plans is not None and not isinstance(plans, Plans):
         raise TypeError(f"{api}: plans must be a lightning_sensitivity.Plans or None; got {type(plans).__name__}.")
-    resolved = resolve_targets(module, targets, api)
     args = (args,) if isinstance(args, Tensor) else tuple(args)
+    resolved = resolve_all(module, targets, api, {"args": args, "kwargs": {} if kwargs is None else kwargs})
 
     def on_check(mismatches: list[Mismatch]) -> None:
         if mismatches:

@@ -608,3 +608,29 @@ FSDP_TARGETS = [
     "net.2.bias[2]",
     "net.2.weight[2, 7]",
 ]
+
+
+# ---- inputs as targets ----------------------------------------------------------------------------------
+
+
+class Ishigami(nn.Module):
+    """``f = sin x1 + a sin² x2 + b x3⁴ sin x1``, the standard test function of sensitivity analysis."""
+
+    def __init__(self, a: float = 7.0, b: float = 0.1) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2, x3 = x.unbind(-1)
+        return torch.sin(x1) + self.a * torch.sin(x2) ** 2 + self.b * x3**4 * torch.sin(x1)
+
+
+def ishigami_partials(x: Tensor, a: float = 7.0, b: float = 0.1) -> list[Tensor]:
+    x1, x2, x3 = x.unbind(-1)
+    return [torch.cos(x1) * (1 + b * x3**4), 2 * a * torch.sin(x2) * torch.cos(x2), 4 * b * x3**3 * torch.sin(x1)]
+
+
+def points(n: int = 64, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1) * math.pi

@@ -68,6 +68,18 @@ def identifiability(monitor: SensitivityMonitor, model, a: str, b: str) -> list[
     return lines
 
 
+def memory_of_the_start(monitor: SensitivityMonitor) -> list[str]:
+    """How fast the system forgets where it started: the profile of d x(t) / d x(0), each sample's position with
+    respect to its own initial displacement (the input target ``batch[0][:, 0]``)."""
+    if not monitor.profiles_enabled or "batch[0][:, 0]" not in monitor.labels:
+        return []
+    curve = monitor.profiles()["batch[0][:, 0]"]["abs_mean"].reshape(-1)
+    return [
+        f"Memory of the start: mean |dx(t)/dx(0)| is {float(curve[0]):.3f} at the first step and "
+        f"{float(curve[-1]):.3f} at the last of {curve.numel()}: the damping c makes the trajectory forget x(0)"
+    ]
+
+
 def uncertainty(monitor: SensitivityMonitor, model) -> list[str]:
     """The fitted constants with their standard errors (linearised, from the information of the validation data,
     the other targets held fixed), the correlation of their estimates, and the identifiability verdicts."""
@@ -124,6 +136,8 @@ class SensitivityCLI(LightningCLI):
         for line in identifiability(monitor, model, "k", "c"):
             print(line)
         for line in uncertainty(monitor, model):
+            print(line)
+        for line in memory_of_the_start(monitor):
             print(line)
         if monitor.profiles_enabled:
             print("Profiles along the trajectory:")

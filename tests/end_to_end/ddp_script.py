@@ -47,7 +47,7 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
     torch.manual_seed(0)
     monitor = SensitivityMonitor(["C", "net.0.weight[3, 1]"], drop_padded_duplicates=not keep_duplicates)
     analysis = SensitivityMonitor(
-        ["C", "net.0.weight[3, 1]", "net.2.bias[1]"],
+        ["C", "net.0.weight[3, 1]", "net.2.bias[1]", "batch[0][:, 1]"],
         normalize="relative",
         profiles=True,
         prefix="analysis",

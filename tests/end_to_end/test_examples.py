@@ -50,6 +50,7 @@ def test_oscillator_from_yaml_prints_table_and_where_to_look(tmp_path):
     assert "Most correlated pair: " in out
     assert re.search(r"Fitted: k = [0-9.]+ ± [0-9.e-]+, c = [0-9.]+ ± [0-9.e-]+ \(1σ", out)  # from covariance()
     assert "Correlation of the estimates of k and c: " in out
+    assert "Memory of the start: mean |dx(t)/dx(0)| is " in out  # the input target batch[0][:, 0]
     assert "Identifiability of the physical constants k, c and m" in out and "\n  - " in out  # its verdicts
     for target in ("k", "c", "m"):  # profiles along the trajectory
         assert f"  {target}: mean |d(position)/d{target}| peaks at time step " in out, target
