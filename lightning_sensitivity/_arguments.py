@@ -5,6 +5,8 @@ what is allowed. ``api`` is the prefix of the message (``"per_sample_sensitiviti
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,3 +64,64 @@ def tag_prefix(prefix: Any, api: str) -> None:
 def indices(value: Any, api: str) -> None:
     if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
         raise ValueError(f"{api}: must be a list of non-negative indices; got {value!r}.")
+
+
+def step_function(value: Any, api: str) -> Any:
+    """``value`` as a callable ``step(pl_module, batch, batch_idx[, dataloader_idx])``: a callable, or the import
+    path of one (``"my_package.steps.energy"``, as LightningCLI also resolves it); ``None`` stays ``None``.
+
+    Example:
+        >>> step_function("math.hypot", "SensitivityMonitor(step=...)").__name__
+        'hypot'
+        >>> step_function("math.nowhere", "SensitivityMonitor(step=...)")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: SensitivityMonitor(step=...): cannot import 'math.nowhere' (module 'math' has no attribute ...
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        module_name, _, attribute = value.strip().rpartition(".")
+        try:
+            if not module_name:
+                raise ValueError("not a dotted path")
+            value = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(
+                f"{api}: cannot import {value!r} ({error}); give a callable or the import path of one, such as "
+                "'my_package.steps.energy'."
+            ) from None
+    if not callable(value):
+        raise ValueError(
+            f"{api}: must be a callable step(pl_module, batch, batch_idx) that returns the output to differentiate, "
+            f"or its import path; got {type(value).__name__}."
+        )
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
+        return value
+    try:
+        try:
+            signature.bind(None, None, None)
+        except TypeError:
+            signature.bind(None, None, None, None)  # with dataloader_idx
+    except TypeError as error:
+        raise ValueError(
+            f"{api}: {import_path(value)}{signature} cannot be called as step(pl_module, batch, batch_idx) ({error}); "
+            "it may also take dataloader_idx as a fourth parameter."
+        ) from None
+    return value
+
+
+def import_path(value: Any) -> str | None:
+    """``"package.module.function"`` for a callable (its class's for other callables); ``None`` stays ``None``.
+
+    Example:
+        >>> import math
+        >>> import_path(math.hypot), import_path(None)
+        ('math.hypot', None)
+    """
+    if value is None:
+        return None
+    named = value if hasattr(value, "__qualname__") else type(value)
+    return f"{getattr(named, '__module__', None) or ''}.{named.__qualname__}".lstrip(".")

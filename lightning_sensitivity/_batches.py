@@ -52,6 +52,7 @@ class Differentiator:
         chunk_size: int | None,
         normalize: Normalize,
         verify: Literal["error", "warn", False],
+        step: Callable[..., Any] | None = None,
     ) -> None:
         self.targets, self.method, self.chunk_size, self.normalize, self.verify = (
             targets,
@@ -60,6 +61,7 @@ class Differentiator:
             normalize,
             verify,
         )
+        self.step = step  # SensitivityMonitor(step=...): step(pl_module, batch, batch_idx[, dataloader_idx])
         self.resolved: list[ResolvedTarget] = []
         self.pending = False  # targets inside lazy modules, and inputs: resolved at the first batch
         self._inputs: set[str] = set()  # the targets that name inputs in the batch
@@ -110,7 +112,7 @@ class Differentiator:
         self._batch = batch
         module = trainer.lightning_module
         x = model_input(batch)
-        if x is None or callable(getattr(module, "sensitivity_step", None)):
+        if x is None or self._function(module) is not None:
             return
         if taken_over(module):  # another monitor watches the same calls: read them from its watch
             self._watch, self._owns_watch = watching(module), False
@@ -174,8 +176,8 @@ class Differentiator:
             rank_zero_warn(
                 f"{API}: the step called {made}, never with the batch's input as first argument, so the monitor "
                 f"differentiates the default call {default}, at inputs the step did not use. Define "
-                f"`sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
-                "shaped [samples, ...] (for example the step's own call)."
+                f"`sensitivity_step(self, batch, batch_idx)` on {name} (or pass `step=` to the monitor) to return the "
+                "output to differentiate, shaped [samples, ...] (for example the step's own call)."
             )
         return None
 
@@ -183,8 +185,7 @@ class Differentiator:
         self, trainer: Trainer, stage: str, batch: Any, batch_idx: int, dataloader_idx: int, call: Call | None
     ) -> Sensitivities:
         module = trainer.lightning_module  # never a strategy wrapper
-        step = getattr(module, "sensitivity_step", None)
-        function = step if callable(step) else None
+        function = self._function(module)
         args, kwargs = self._what(module, batch, batch_idx, dataloader_idx, call)
         try:
             with RandomState(module.device).replayed():  # later steps draw what they would without the monitor
@@ -198,11 +199,16 @@ class Differentiator:
     def _what(
         self, module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, call: Call | None
     ) -> Call:
-        """The arguments to differentiate at: ``sensitivity_step``'s, the step's own call's, or the default call's."""
+        """The arguments to differentiate at: the monitor's ``step``'s or ``sensitivity_step``'s, the step's own
+        call's, or the default call's."""
         step = getattr(module, "sensitivity_step", None)
-        if callable(step):
-            # as Lightning passes it to validation_step: a third parameter of any name, or *args
-            third = is_param_in_hook_signature(step, "dataloader_idx", min_args=3)
+        if self.step is not None or callable(step):
+            # as Lightning passes it to validation_step: a third parameter of any name (after pl_module for the
+            # monitor's step), or *args
+            if self.step is not None:
+                third = _takes_four(self.step)
+            else:
+                third = is_param_in_hook_signature(step, "dataloader_idx", min_args=3)  # type: ignore[arg-type]
             return ((batch, batch_idx, dataloader_idx) if third else (batch, batch_idx)), {}
         if call is not None:  # the step's own call, with every argument it passed
             return call
@@ -210,8 +216,9 @@ class Differentiator:
         if x is None:
             raise TypeError(
                 f"{API}: cannot tell the model's input in a batch of type {type(batch).__name__}; define "
-                f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} to return the output to "
-                "differentiate, shaped [samples, ...] (for example `return self(batch['x'])`)."
+                f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} (or pass `step=` to the "
+                "monitor) to return the output to differentiate, shaped [samples, ...] (for example `return "
+                "self(batch['x'])`)."
             )
         _check_forward_takes(module, (x,))
         return (x,), {}
@@ -266,8 +273,9 @@ class Differentiator:
                     raise ValueError(
                         f"{API_TARGETS}: {target.label!r} names {target.name}, which the call the monitor "
                         f"differentiates, {describe(type(module).__name__, (args, kwargs))}, does not take. Define "
-                        f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} to compute the "
-                        "output from the batch, or name an input the step passes to the model."
+                        f"`sensitivity_step(self, batch, batch_idx)` on {type(module).__name__} (or pass `step=` to "
+                        "the monitor) to compute the output from the batch, or name an input the step passes to the "
+                        "model."
                     )
                 target = dataclasses.replace(target, name=path_text(str(path[0]), path[1:]), path=path)
             placed.append(target)
@@ -300,7 +308,7 @@ class Differentiator:
         ``forward`` that expects the whole batch and indexed into ``batch[0]`` instead."""
         module = trainer.lightning_module
         x = model_input(batch)
-        if not isinstance(x, Tensor) or x.dim() == 0 or callable(getattr(module, "sensitivity_step", None)):
+        if not isinstance(x, Tensor) or x.dim() == 0 or self._function(module) is not None:
             return
         rows = next(iter(sens.values())).shape[0]
         if rows != x.shape[0] and self._first("rows"):
@@ -309,8 +317,18 @@ class Differentiator:
                 f"{API}: {name}(batch[0]) returned {rows} rows for an input of {x.shape[0]} samples, and the monitor "
                 f"counts each row of the output as a sample. If {name}.forward expects the whole batch, or the "
                 f"samples are not the first dimension, define `sensitivity_step(self, batch, batch_idx)` on {name} "
-                "to return the output to differentiate, shaped [samples, ...]."
+                "(or pass `step=` to the monitor) to return the output to differentiate, shaped [samples, ...]."
             )
+
+    def _function(self, module: LightningModule) -> Callable[..., Any] | None:
+        """What is differentiated in place of the module's call: the monitor's ``step`` bound to the module (it wins
+        over a ``sensitivity_step``), the module's ``sensitivity_step``, or ``None``."""
+        if self.step is not None:
+            bound = functools.partial(self.step, module)
+            bound.__name__ = getattr(self.step, "__name__", "step")  # type: ignore[attr-defined]
+            return bound
+        step = getattr(module, "sensitivity_step", None)
+        return step if callable(step) else None
 
     def _first(self, what: str) -> bool:
         """Whether ``what`` happens for the first time in this run (for warnings given once)."""
@@ -360,9 +378,19 @@ def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None
         name = type(module).__name__
         raise TypeError(
             f"{API}: {name}.forward{signature} cannot be called with the batch's first element alone ({error}). "
-            f"Define `sensitivity_step(self, batch, batch_idx)` on {name} to return the output to differentiate, "
-            "shaped [samples, ...] (for example `x, t, y = batch; return self(x, t)`)."
+            f"Define `sensitivity_step(self, batch, batch_idx)` on {name} (or pass `step=` to the monitor) to return "
+            "the output to differentiate, shaped [samples, ...] (for example `x, t, y = batch; return self(x, t)`)."
         ) from None
+
+
+def _takes_four(step: Callable[..., Any]) -> bool:
+    """Whether the monitor's ``step`` takes ``dataloader_idx`` after ``(pl_module, batch, batch_idx)``."""
+    try:
+        parameters = list(inspect.signature(step).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _names_input(module: LightningModule, text: str) -> bool:

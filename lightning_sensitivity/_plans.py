@@ -91,6 +91,13 @@ class Plans:
         self.timer: Timer = wall_clock if timer is None else timer
         self._plans: weakref.WeakKeyDictionary[nn.Module, Plan] = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the timer: what was learned is about modules of this process (``ddp_spawn`` pickles callbacks)."""
+        return {"timer": self.timer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["timer"])  # type: ignore[misc]
+
     def __getitem__(self, module: nn.Module) -> Plan:
         """The module's plan, made on first use."""
         plan = self._plans.get(module)

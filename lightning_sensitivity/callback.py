@@ -12,7 +12,7 @@ import contextlib
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -56,8 +56,9 @@ class SensitivityMonitor(Callback):
     After an epoch, :meth:`summary`, :meth:`correlation` and :meth:`profiles` return its statistics (also on a
     deep copy of the monitor, as libraries that copy their callbacks hold: copies share their results).
 
-    What is differentiated: ``pl_module.sensitivity_step(batch, batch_idx)`` when the LightningModule defines
-    it (it may also take ``dataloader_idx``); otherwise the step's own call of the module with the batch's input
+    What is differentiated: ``step(pl_module, batch, batch_idx)`` when the monitor is given one, else
+    ``pl_module.sensitivity_step(batch, batch_idx)`` when the LightningModule defines it (both may also take
+    ``dataloader_idx``); otherwise the step's own call of the module with the batch's input
     first, ``pl_module(batch[0])`` for a tuple or list batch and ``pl_module(batch)`` for a tensor batch, with
     every other argument the step passed (``self(t, y0)``). The first dimension of the output indexes samples.
     Where the step makes that call in eval mode, without grad or autocast, the call gives the sensitivities too,
@@ -118,6 +119,11 @@ class SensitivityMonitor(Callback):
             element with ``reduction="none"``), in the output's units. With it, :meth:`summary` gives each
             target's standard error (``stderr``), the scalar ``<prefix>/<target>/stderr`` is logged, and
             :meth:`fisher` and :meth:`covariance` are scaled by ``1/σ²`` and ``σ²``.
+        step: what to differentiate, for a module you did not write (or a second output of one you did):
+            ``step(pl_module, batch, batch_idx)`` (or ``..., dataloader_idx)``) returns the output, shaped
+            ``[samples, ...]``, as ``sensitivity_step`` would; it wins over a ``sensitivity_step``. A callable
+            or its import path (``"my_package.steps.forces"``, also from YAML); two monitors with different
+            steps and prefixes watch two outputs of one model.
 
     Raises:
         ValueError: a bad argument, named in the message.
@@ -156,6 +162,7 @@ class SensitivityMonitor(Callback):
         buckets_per_octave: int = 8,
         drop_padded_duplicates: bool = True,
         noise_std: float | None = None,
+        step: Callable[..., Any] | str | None = None,
     ) -> None:
         def api(name: str) -> str:
             return f"{API}({name}=...)"
@@ -197,6 +204,8 @@ class SensitivityMonitor(Callback):
         self.drop_padded_duplicates = drop_padded_duplicates
         self.noise_std = None if noise_std is None else float(noise_std)
         """The ``noise_std`` argument, as a float (``None``: not given)."""
+        self.step: Callable[..., Any] | None = _arguments.step_function(step, api("step"))
+        """The ``step`` argument, as a callable (an import path is imported)."""
         self.epochs_logged = 0
         """Validation epochs whose statistics were logged, across resumes from checkpoints."""
         self._results = _Results()
@@ -205,7 +214,7 @@ class SensitivityMonitor(Callback):
         self._publisher: Publisher | None = None
 
     def _new_differentiator(self) -> Differentiator:
-        return Differentiator(self.targets, self.method, self.chunk_size, self.normalize, self.verify)
+        return Differentiator(self.targets, self.method, self.chunk_size, self.normalize, self.verify, self.step)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SensitivityMonitor:
         """A copy that shares this monitor's results: a library that copies its callbacks (neuralforecast) runs the
@@ -220,7 +229,9 @@ class SensitivityMonitor(Callback):
     def state_key(self) -> str:
         # Every argument, in the signature's order: monitors differing in any keep their own state in a checkpoint.
         names = [name for name in inspect.signature(SensitivityMonitor.__init__).parameters if name != "self"]
-        return self._generate_state_key(**{name: getattr(self, _ATTRIBUTES.get(name, name)) for name in names})
+        values = {name: getattr(self, _ATTRIBUTES.get(name, name)) for name in names}
+        values["step"] = _arguments.import_path(self.step)  # not the function's repr, which holds its address
+        return self._generate_state_key(**values)
 
     def state_dict(self) -> dict[str, Any]:
         return {"labels": self.labels, "epochs_logged": self.epochs_logged}

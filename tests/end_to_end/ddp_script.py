@@ -43,7 +43,7 @@ class Physics(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_single: bool) -> None:
+def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_single: bool, spawn: bool) -> None:
     torch.manual_seed(0)
     monitor = SensitivityMonitor(["C", "net.0.weight[3, 1]"], drop_padded_duplicates=not keep_duplicates)
     analysis = SensitivityMonitor(
@@ -58,7 +58,7 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=("ddp_spawn" if spawn else "ddp") if devices > 1 else "auto",
         max_epochs=2,
         limit_train_batches=2,
         logger=TensorBoardLogger(out_dir, name="", version=""),
@@ -71,6 +71,8 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
     trainer.fit(
         model, DataLoader(physics_data(16, seed=0), batch_size=4), DataLoader(physics_data(n_val, seed=1), batch_size=4)
     )
+    if spawn:  # the monitors ran on copies in the spawned processes: only the event files tell
+        return
     result = {
         "summary": analysis.summary(),
         "correlation": analysis.correlation(),
@@ -94,4 +96,5 @@ def main(out_dir: str, devices: int, n_val: int, keep_duplicates: bool, then_sin
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "--keep-duplicates" in sys.argv, "--then-single" in sys.argv)
+    flags = {flag: flag in sys.argv for flag in ("--keep-duplicates", "--then-single", "--spawn")}
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *flags.values())

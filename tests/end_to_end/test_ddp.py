@@ -40,6 +40,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
         "ddp": run(root / "ddp", 2, n_val, "--then-single"),
         "ddp-keep": run(root / "ddp-keep", 2, n_val, "--keep-duplicates"),
         "ddp-one": run(root / "ddp-one", 2, 1),  # rank 1 holds nothing but a repeat of sample 0
+        "ddp-spawn": run(root / "ddp-spawn", 2, n_val, "--spawn"),  # pickles the monitors into its processes
         "ddp-dir": str(root / "ddp"),
     }
 
@@ -101,6 +102,20 @@ def test_ddp_analysis_equals_one_process(runs):
         "analysis/C/stderr",
     ):
         assert ddp_scalars[tag][-1].value == pytest.approx(single_scalars[tag][-1].value, rel=1e-6), tag
+
+
+def test_ddp_spawn_logs_what_ddp_logs(runs):
+    spawned_hist, spawned_scalars = runs["ddp-spawn"]
+    hist, scalars = runs["ddp"]
+    assert spawned_hist.keys() == hist.keys() and spawned_scalars.keys() == scalars.keys()
+    for tag, events in hist.items():
+        for a, b in zip(events, spawned_hist[tag], strict=True):
+            assert (a.step, a.histogram_value.num, a.histogram_value.min) == (
+                b.step,
+                b.histogram_value.num,
+                b.histogram_value.min,
+            ), tag
+            assert b.histogram_value.sum == pytest.approx(a.histogram_value.sum, rel=1e-6, abs=1e-9), tag
 
 
 def test_single_device_run_after_ddp_counts_only_its_own_samples(runs):

@@ -3,6 +3,7 @@ of SensitivityMonitor from YAML and from flags."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,9 +27,14 @@ TINY_OSCILLATOR = [
 ]
 
 
-def cli(cwd: Path, script: Path, *args: str) -> subprocess.CompletedProcess:
+def cli(cwd: Path, script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(script / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -100,6 +106,32 @@ def test_one_target_as_a_plain_string_from_yaml_and_flags(tmp_path):
     assert "targets: c" in run.stdout and "verify: warn" in run.stdout
 
 
+def test_a_step_by_import_path_from_yaml(tmp_path):
+    """``step: my_steps.final_position``: a user's own function, resolved by LightningCLI from its import path."""
+    (tmp_path / "my_steps.py").write_text(
+        "def final_position(pl_module, batch, batch_idx):\n    return pl_module(batch[0])[:, -1:]\n"
+    )
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_sensitivity.SensitivityMonitor\n"
+        "      init_args:\n"
+        "        targets: [k, c]\n"
+        "        step: my_steps.final_position\n"
+        "        prefix: final\n"
+    )
+    common = (f"--config={OSCILLATOR / 'config.yaml'}", f"--config={config}", *TINY_OSCILLATOR)
+    run = cli(tmp_path, OSCILLATOR, "fit", *common, env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    (log_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    histograms, _ = read_events(log_dir)
+    assert histograms["final/k"][-1].histogram_value.num == 40  # one value per sample: the last position only
+    run = cli(tmp_path, OSCILLATOR, "fit", *common, "--print_config", env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step: my_steps.final_position" in run.stdout
+
+
 def test_print_config_shows_every_argument(tmp_path):
     run = cli(tmp_path, OSCILLATOR, "fit", f"--config={OSCILLATOR / 'config.yaml'}", "--print_config")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -107,6 +139,7 @@ def test_print_config_shows_every_argument(tmp_path):
     assert "class_path: lightning_sensitivity.SensitivityMonitor" in out
     for line in (
         "every_n_epochs: 1",
+        "step: null",
         "max_batches: null",
         "reduction: none",
         "method: auto",

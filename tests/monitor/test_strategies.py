@@ -3,6 +3,7 @@ that this one is not updated; DeepSpeed and FSDP1 are refused (the multi-process
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import lightning as L
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lightning_sensitivity import SensitivityMonitor
-from tests.helpers import Physics
+from tests.helpers import Physics, loaders, trainer
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook", "ddp"])
@@ -39,3 +40,16 @@ def test_unsupported_strategies_are_refused_in_setup(name):
     trainer = L.Trainer(strategy=_strategy(name), logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=f"{name}.*not supported.*ModelParallelStrategy"):
         SensitivityMonitor(targets="k[0]").setup(trainer, Tiny(), "fit")
+
+
+def test_the_monitor_pickles_before_and_after_a_run(tmp_path):
+    """``ddp_spawn`` pickles the Trainer with its callbacks into each process, at every ``fit``: the monitor
+    pickles, with what it learned of modules (plans) left behind and its results kept."""
+    monitor = SensitivityMonitor(["C", "net.0.weight[1, 0]"], profiles=True)
+    pickle.loads(pickle.dumps(monitor))
+    train, val = loaders()
+    trainer(tmp_path, monitor).fit(Physics(), train, val)
+    copy = pickle.loads(pickle.dumps(monitor))
+    assert copy.labels == monitor.labels
+    for label, stats in monitor.summary().items():
+        assert copy.summary()[label] == pytest.approx(stats, nan_ok=True), label
