@@ -103,6 +103,23 @@ class Differentiator:
             ) from None
         self.pending = False
 
+    def check_inputs(self, module: LightningModule, batch: Any) -> None:
+        """Check the input targets on the first training batch where no validation batch came before it (the
+        sanity check is off), so that a bad one fails before the first training step rather than after the
+        first epoch; they are resolved on the first validation batch all the same."""
+        inputs = [text for text in self.targets if text in self._inputs]
+        if not inputs or not self.pending:
+            return
+        try:
+            resolve_all(module, inputs, API_TARGETS, {"batch": batch})
+        except (ValueError, TypeError, IndexError) as error:
+            message = (
+                f"{error} (Checked on the first training batch, as the sanity check is off: a validation batch "
+                "of another structure than the training batches needs num_sanity_val_steps > 0 to be checked "
+                "itself.)"
+            )
+            raise type(error)(message) from None
+
     # ---- the step's calls --------------------------------------------------------------------------------------
 
     def arm(self, trainer: Trainer, stage: str, batch: Any, dry_run: bool) -> None:

@@ -357,6 +357,10 @@ class SensitivityMonitor(Callback):
         self.epochs_logged += stage == "validate"
         self._publisher.publish(stage, trainer, pl_module, report)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if "validate" in self.stages and trainer.global_step == 0 and batch_idx == 0:
+            self._differentiator.check_inputs(pl_module, batch)  # the sanity check was off: inputs unchecked
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stages["validate"].epoch_start(trainer)
 

@@ -119,13 +119,16 @@ def test_an_input_the_default_call_does_not_take_says_to_define_sensitivity_step
         ("batch[0]", ValueError, ["batch has no key 0"]),
     ],
 )
-def test_bad_input_targets_stop_the_run_before_the_first_training_step(tmp_path, target, error, words):
+@pytest.mark.parametrize("sanity_steps", [2, 0])  # without the sanity check: on the first training batch
+def test_bad_input_targets_stop_the_run_before_the_first_training_step(tmp_path, target, error, words, sanity_steps):
     model = WithStep(True)
     model.training_step = lambda batch, batch_idx: pytest.fail("trained")  # type: ignore[method-assign]
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)  # type: ignore[method-assign]
     loader = DataLoader(Samples(8), batch_size=4)
     with pytest.raises(error) as raised:
-        trainer(tmp_path, SensitivityMonitor(target, log_figures=False)).fit(model, loader, loader)
+        monitor = SensitivityMonitor(target, log_figures=False)
+        trainer(tmp_path, monitor, num_sanity_val_steps=sanity_steps).fit(model, loader, loader)
     for word in words:
         assert word in str(raised.value)
     assert math.isfinite(float(model.k))
+    assert ("the sanity check is off" in str(raised.value)) == (sanity_steps == 0)
