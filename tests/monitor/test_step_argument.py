@@ -181,3 +181,22 @@ def test_a_step_that_returns_no_tensor_is_named_in_the_error(tmp_path):
     model, (_, val) = Physics(), loaders()
     with pytest.raises(TypeError, match=r"Physics\.describe"):
         trainer(tmp_path, SensitivityMonitor("C", step=describe)).validate(model, val, verbose=False)
+
+
+def test_an_input_target_with_a_step(tmp_path):
+    """``batch[0][:, 1]`` is placed in the batch the step gets: d step(x)[i] / d x[i, 1], each sample's own."""
+    torch.manual_seed(0)
+    model, (_, val) = Physics(), loaders()
+    monitor = SensitivityMonitor(["batch[0][:, 1]", "C"], step=last_two_outputs)
+    trainer(tmp_path, monitor).validate(model, val, verbose=False)
+    values = []
+    for x, y in val:
+        x = x.clone().requires_grad_()
+        with torch.enable_grad():
+            out = last_two_outputs(model, (x, y), 0)
+            for i in range(out.shape[0]):
+                for j in range(out.shape[1]):
+                    (g,) = torch.autograd.grad(out[i, j], x, retain_graph=True)
+                    assert g[torch.arange(len(x)) != i].abs().max() == 0  # rows do not mix
+                    values.append(g[i, 1])
+    assert_summary_matches(monitor, "batch[0][:, 1]", torch.stack(values).detach())
