@@ -195,7 +195,12 @@ class FusedForward:
             start.restore()
             return self._original(*args, **kwargs)
         self.result = result
-        if evaluations.count != 1 or evaluations.buffers_changed or evaluations.inputs_changed:
+        if (
+            evaluations.count != 1
+            or evaluations.buffers_changed
+            or evaluations.inputs_changed
+            or (evaluations.attributes_changed)
+        ):
             # What the model leaves behind (an attribute, a hook's record, an updated buffer or input) is the
             # last evaluation's, and buffers (and the inputs of a model that updates them) were the engine's
             # copies: the step gets the model's own call, once, from the random state it would have started from.

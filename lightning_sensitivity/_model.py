@@ -36,12 +36,15 @@ class Evaluations:
         buffers_changed: whether one of them updated or replaced a buffer, which it did on the engine's private
             copy, so that the module did not keep it.
         inputs_changed: whether one of them updated its inputs in place.
+        attributes_changed: whether one of them set a tensor attribute of a submodule (a scaler's statistic, a
+            cache), which was put back as it was before the evaluation.
     """
 
     module: nn.Module
     count: int = 0
     buffers_changed: bool = False
     inputs_changed: bool = False
+    attributes_changed: bool = False
 
 
 _RECORDING: ContextVar[Evaluations | None] = ContextVar("lightning_sensitivity_recording", default=None)
@@ -162,13 +165,16 @@ class Model:
         versions = _versions((args, kwargs))
         before = {id(copy): copy._version for copy in private.values()}
         swap = Swap(self.layout, {**private, **tensors})
-        with eager(), uncached(), batch_norm, products or contextlib.nullcontext(), swap:
+        attributes = Attributes(self.layout.modules)
+        with attributes, eager(), uncached(), batch_norm, products or contextlib.nullcontext(), swap:
             with DifferentiableGrad() if inner_graphs else contextlib.nullcontext():
                 output = self.runner(args, kwargs)
             if record is not None:  # while the private buffers are in place: replaced ones are seen too
                 record.buffers_changed |= swap.changed(before)
             if then is not None:
                 output = then(output)
+        if record is not None:
+            record.attributes_changed |= attributes.changed
         if _versions((args, kwargs)) != versions:  # for good: later calls copy the inputs for every evaluation
             self.plan.updates_inputs = True
             if record is not None:
@@ -187,6 +193,7 @@ class Layout:
         self.tensors: dict[str, Tensor] = dict(module.named_parameters())
         self.buffers: dict[str, Tensor] = dict(module.named_buffers())
         self.tensors.update(self.buffers)
+        self.modules: list[nn.Module] = list(module.modules())
         self.slots: dict[int, list[tuple[dict[str, Any], str, Tensor]]] = {id(t): [] for t in self.tensors.values()}
         for owner in module.modules():
             for store in (owner._parameters, owner._buffers):
@@ -227,6 +234,44 @@ class Swap:
             id(new) in versions and (store.get(attr) is not new or new._version != versions[id(new)])
             for store, attr, _, new in self.slots
         )
+
+
+class Attributes:
+    """While active, the tensors a module's submodules hold as plain attributes (not parameters or buffers: a
+    scaler's statistics, a cache); on exit, each is put back as it was, whatever the model set meanwhile. A tensor
+    the model stores while the engine evaluates it carries the engine's tangent (a functorch wrapper under
+    ``vmap``, which can then no longer be saved or pickled), and is not what the model would hold without it."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.changed = False
+
+    def _read(self) -> dict[tuple[int, str], Tensor]:
+        return {
+            (i, name): value
+            for i, module in enumerate(self.modules)
+            for name, value in vars(module).items()
+            if isinstance(value, Tensor)
+        }
+
+    def __enter__(self) -> Attributes:
+        self.before = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = self._read()
+        for key, value in after.items():
+            if self.before.get(key) is not value:
+                self.changed = True
+                i, name = key
+                if key in self.before:
+                    setattr(self.modules[i], name, self.before[key])
+                else:
+                    delattr(self.modules[i], name)
+        for (i, name), value in self.before.items():
+            if (i, name) not in after:  # deleted, or replaced by something else than a tensor
+                self.changed = True
+                setattr(self.modules[i], name, value)
 
 
 class _Runner:

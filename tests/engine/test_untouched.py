@@ -70,3 +70,35 @@ def test_chunks_and_inference_mode_leave_a_module_under_two_names_in_place(chunk
     assert_in_place(model, before)
     model.cpu()  # Lightning's teardown: raised on a leftover functorch-wrapped tensor
     assert_in_place(model, before)
+
+
+class Scaled(nn.Module):
+    """Stores a statistic of its input as a plain attribute (neuralforecast's scaler keeps ``x_shift`` so), and a
+    cache made at its first call; ``out = w · (x - mean(x)) + b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaler = nn.Module()
+        self.scaler.shift = torch.zeros(())
+        self.net = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.scaler.shift = x.mean(1, keepdim=True)
+        if not hasattr(self, "cache"):
+            self.cache = self.net.weight.sum()
+        return self.net(x - self.scaler.shift)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+@pytest.mark.parametrize("targets", [["net.weight[0, 1]"], ["net.weight[0, 1]", "net.bias[1]"]])
+@pytest.mark.parametrize("verify", [False, True])
+def test_tensors_the_model_stores_as_attributes_are_put_back(method, targets, verify, reference):
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(5, 3)
+    shift = model.scaler.shift
+    sens = per_sample_sensitivities(model, targets, (x,), method=method, verify=verify)
+    assert model.scaler.shift is shift and not hasattr(model, "cache")  # as before the call, not the engine's
+    expected = reference(model, targets, (x,))
+    for label in targets:
+        torch.testing.assert_close(sens[label], expected[label])
+    torch.save(model, __import__("io").BytesIO())  # no functorch wrapper left behind (vmap): it saves

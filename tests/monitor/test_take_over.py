@@ -361,3 +361,32 @@ def test_a_model_that_updates_its_input_is_differentiated_at_the_input_it_was_gi
     x = physics_data(40).tensors[0]
     expected = 2 * x[:, :1]  # dy/dC = x[:, :1] of the input as forward scaled it once, for each output element
     assert monitor.summary()["C"]["mean"] == pytest.approx(float(expected.mean()), rel=1e-6)
+
+
+class Scaled(Physics):
+    """Stores a statistic of its input as a plain attribute, as neuralforecast's scaler does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.shift = x.mean(0)
+        return self.C * x[:, :1] + self.net(x - self.shift)
+
+
+def _shift_after_validate(tmp_path, callbacks) -> Tensor:
+    torch.manual_seed(0)
+    model = Scaled()
+    trainer = L.Trainer(
+        logger=False, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False, max_epochs=1
+    )
+    trainer.validate(model, DataLoader(physics_data(12, seed=1), batch_size=4), verbose=False)
+    torch.save(model, tmp_path / "model.pt")  # no functorch wrapper left in an attribute: it saves
+    return model.shift
+
+
+@pytest.mark.parametrize("step", [None, lambda m, batch, i: m(batch[0])])
+def test_an_attribute_the_model_stores_holds_the_steps_value(tmp_path, step):
+    """Two targets (vmap): the attribute holds the plain value of the step's own call on the last batch, as without
+    the monitor, whether the step's call was taken over or the monitor differentiated after it."""
+    expected = _shift_after_validate(tmp_path, [])
+    shift = _shift_after_validate(tmp_path, [SensitivityMonitor(TARGETS, step=step, log_figures=False)])
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(shift)
+    assert torch.equal(shift, expected)
