@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 from lightning_sensitivity._engine import Method, Normalize, Sensitivities, choice_pending, sensitivities_and_output
@@ -203,7 +202,7 @@ class Differentiator:
     ) -> Sensitivities:
         module = trainer.lightning_module  # never a strategy wrapper
         function = self._function(module)
-        args, kwargs = self._what(module, batch, batch_idx, dataloader_idx, call)
+        args, kwargs = self._what(module, function, batch, batch_idx, dataloader_idx, call)
         try:
             with RandomState(module.device).replayed():  # later steps draw what they would without the monitor
                 sens = self._engine(stage, trainer, args, kwargs, function)
@@ -214,18 +213,18 @@ class Differentiator:
         return sens
 
     def _what(
-        self, module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, call: Call | None
+        self,
+        module: LightningModule,
+        function: Callable[..., Any] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        call: Call | None,
     ) -> Call:
-        """The arguments to differentiate at: the monitor's ``step``'s or ``sensitivity_step``'s, the step's own
-        call's, or the default call's."""
-        step = getattr(module, "sensitivity_step", None)
-        if self.step is not None or callable(step):
-            # as Lightning passes it to validation_step: a third parameter of any name (after pl_module for the
-            # monitor's step), or *args
-            if self.step is not None:
-                third = _takes_four(self.step)
-            else:
-                third = is_param_in_hook_signature(step, "dataloader_idx", min_args=3)  # type: ignore[arg-type]
+        """The arguments to differentiate at: ``function``'s (the monitor's ``step`` or ``sensitivity_step``, see
+        :meth:`_function`), the step's own call's, or the default call's."""
+        if function is not None:
+            third = _takes_dataloader_idx(function)
             return ((batch, batch_idx, dataloader_idx) if third else (batch, batch_idx)), {}
         if call is not None:  # the step's own call, with every argument it passed
             return call
@@ -400,14 +399,16 @@ def _check_forward_takes(module: LightningModule, args: tuple[Any, ...]) -> None
         ) from None
 
 
-def _takes_four(step: Callable[..., Any]) -> bool:
-    """Whether the monitor's ``step`` takes ``dataloader_idx`` after ``(pl_module, batch, batch_idx)``."""
+def _takes_dataloader_idx(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` (``sensitivity_step``, or the monitor's ``step`` bound to the module) takes
+    ``dataloader_idx`` after ``(batch, batch_idx)``, as Lightning tells for ``validation_step``: a third positional
+    parameter of any name, or ``*args``."""
     try:
-        parameters = list(inspect.signature(step).parameters.values())
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
         return False
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 4 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _names_input(module: LightningModule, text: str) -> bool:

@@ -199,7 +199,7 @@ class FusedForward:
             evaluations.count != 1
             or evaluations.buffers_changed
             or evaluations.inputs_changed
-            or (evaluations.attributes_changed)
+            or evaluations.attributes_changed
         ):
             # What the model leaves behind (an attribute, a hook's record, an updated buffer or input) is the
             # last evaluation's, and buffers (and the inputs of a model that updates them) were the engine's

@@ -195,7 +195,7 @@ class Layout:
         self.tensors.update(self.buffers)
         self.modules: list[nn.Module] = list(module.modules())
         self.slots: dict[int, list[tuple[dict[str, Any], str, Tensor]]] = {id(t): [] for t in self.tensors.values()}
-        for owner in module.modules():
+        for owner in self.modules:
             for store in (owner._parameters, owner._buffers):
                 for attr, own in store.items():
                     if own is not None and id(own) in self.slots:
