@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 PACKAGE = "lightning_sensitivity"
 DIST_NAME = "lightning-sensitivity"
 # directories of the repository that are not part of the installed package
-NOT_INSTALLED = ("tests", "tests_install", "examples", "benchmarks", "docs", "scripts", ".ci")
+NOT_INSTALLED = ("tests", "tests_install", "tests_recipes", "examples", "benchmarks", "docs", "scripts", ".ci")
 TEST_FILE = re.compile(r"(^|/)(test_[^/]*\.py|[^/]*_test\.py|conftest\.py)$")
 
 results: list[tuple[bool, str]] = []
