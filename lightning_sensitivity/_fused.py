@@ -12,16 +12,17 @@ the same values) to the step. Other calls go to the model's own ``forward`` unto
 taken over, the monitor differentiates it after the step.
 
 The call is only taken over where it cannot change what the step sees beyond float rounding (ops that forward
-mode routes differently, such as eval-mode batch norm by elementary ops): the module wholly in eval mode (no
-dropout, no running statistics updated), grad off (the step does not need a graph from the output), no
-autocast (the monitor differentiates in the module's own precision), no hooks around the module's call (they
-would run twice), not sharded, not compiled. Where the engine evaluated the model more than once (the first
-batch's check against finite differences, probes, fallbacks, chunks of targets) or the evaluation updated a
-buffer or the input in place (the engine works on copies of both), the step gets the model's own call after
-all, from the random state it would have started from, so that what the model leaves behind (an attribute, a
-buffer, the input, the random stream) is that call's. A failure of the engine inside the step
-gives the step the model's own output and leaves the batch to the monitor, which then reports the error where
-it always has.
+mode routes differently, such as eval-mode batch norm by elementary ops): grad off (the step does not need a
+graph from the output), no autocast (the monitor differentiates in the module's own precision), no hooks around
+the module's call (they would run twice), not sharded, not compiled. Modules may be in train mode: the engine
+starts from the random state the step's call would start from, so one evaluation draws that call's dropout
+masks. Where the engine evaluated the model more than once (the first batch's check against finite
+differences, probes, fallbacks, chunks of targets) or the evaluation updated a buffer (running statistics in
+train mode) or the input in place (the engine works on copies of both), or stored a tensor attribute, the step
+gets the model's own call after all, from the random state it would have started from, so that what the model
+leaves behind (an attribute, a buffer, the input, the random stream) is that call's. A failure of the engine
+inside the step gives the step the model's own output and leaves the batch to the monitor, which then reports
+the error where it always has.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def model_input(batch: Any) -> Any:
 
 def can_fuse(module: nn.Module) -> bool:
     """Whether the module's own forward call may be taken over: not compiled, not sharded, no hooks around its
-    call, every module in eval mode. Checked at the call, since the step may have switched a module's mode."""
+    call. Checked at the call, since the step may have added a hook. Modules in train mode do not stop it (chemprop
+    validates with its scaling transforms in train mode, Monte Carlo dropout keeps dropout on): what train mode
+    changes is covered where the call is made. The engine evaluates from the random state the step's call would
+    start from, so a single evaluation draws that call's dropout masks and leaves the stream where it would; one
+    that updates running statistics changes a buffer, and the step then gets the model's own call."""
     if getattr(module, "_compiled_call_impl", None) is not None:  # Module.compile(): dynamo would trace the engine
         return False
-    if uses_fsdp(module) or _hooked(module):
-        return False
-    return not any(m.training for m in module.modules())
+    return not (uses_fsdp(module) or _hooked(module))
 
 
 #: Hooks that run around a module's call: its own, and those registered for every module.
@@ -182,7 +185,7 @@ class FusedForward:
         self.call = (args, kwargs)
         device = _device(self.module)
         if self.compute is None or not _plain_context(device) or not can_fuse(self.module):
-            return self._original(*args, **kwargs)  # can_fuse at the call: the step may have changed a module's mode
+            return self._original(*args, **kwargs)  # can_fuse at the call: the step may have added a hook
         if not self.may_take(args, kwargs):
             return self._original(*args, **kwargs)
         start = RandomState(device)  # where the step's own call would draw its random numbers from

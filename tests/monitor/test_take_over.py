@@ -136,24 +136,113 @@ def test_no_take_over_where_the_step_would_see_a_difference(tmp_path, monkeypatc
     assert models[False].forwards == models[True].forwards
 
 
-class DropoutSwitchedOnInTheStep(DropoutInValidation):
-    """Switches dropout on inside the step, after the batch started: checked at the call, not before the step."""
+class Scale(nn.Module):
+    """chemprop's scaling transform: the identity in train mode, a standardisation in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, -0.25]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.training else x - self.mean
+
+
+class TransformInTrainMode(Counted):
+    """Validates with a transform left in train mode, as chemprop's ``on_validation_model_eval`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = Scale()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.scale(x))
 
     def on_validation_model_eval(self) -> None:
-        L.LightningModule.on_validation_model_eval(self)
-
-    def validation_step(self, batch, batch_idx):
-        self.drop.train()
-        return super().validation_step(batch, batch_idx)
+        super().on_validation_model_eval()
+        self.scale.train()
 
 
-@pytest.mark.parametrize("model_type", [DropoutInValidation, DropoutSwitchedOnInTheStep])
-def test_no_take_over_with_a_module_in_training_mode(tmp_path, monkeypatch, model_type):
-    models = {fuse: model_type() for fuse in (True, False)}
-    for fuse, model in models.items():
-        torch.manual_seed(1)
-        validate(tmp_path, model, fuse, monkeypatch)
-    assert models[False].forwards == models[True].forwards
+class RecordsItsDraws(DropoutInValidation):
+    """Dropout in validation; records the random state and input of every evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.draws.append((torch.get_rng_state(), x.detach().clone()))
+        return super().forward(x)
+
+
+def test_the_call_is_taken_over_with_a_module_in_train_mode(tmp_path, monkeypatch):
+    """A module in train mode that draws nothing and updates nothing (chemprop's transforms) gives the same numbers
+    as the separate pass, with one pass less per batch."""
+    models = {fuse: TransformInTrainMode() for fuse in (True, False)}
+    runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
+    assert_same_run(runs[True], runs[False])
+    assert models[False].forwards - models[True].forwards == 4
+
+
+@pytest.mark.parametrize("targets", [["net.0.weight[1, 0]"], TARGETS])
+def test_dropout_in_validation_is_differentiated_at_the_steps_own_masks(targets):
+    """Taken over with dropout on, the sensitivities are those of the call the step made, at its dropout masks:
+    against the loop of torch.autograd.grad from the random state of the step's call, batch by batch."""
+    model = RecordsItsDraws()
+    monitor = SensitivityMonitor(targets, log_figures=False)
+    trainer = L.Trainer(logger=False, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(3)
+    trainer.validate(model, DataLoader(physics_data(40), batch_size=8), verbose=False)
+    # every evaluation of a batch starts from the random state of the step's call: the first one's
+    states: dict[tuple[float, ...], tuple[Tensor, Tensor]] = {}
+    counts: dict[tuple[float, ...], int] = {}
+    for state, x in model.draws:
+        key = tuple(x.flatten().tolist())
+        assert key not in states or torch.equal(states[key][0], state), "a batch evaluated from two random states"
+        states.setdefault(key, (state, x))
+        counts[key] = counts.get(key, 0) + 1
+    assert len(states) == 5
+    assert list(counts.values())[1:] == [1] * 4  # taken over: one evaluation per batch after the first (checked)
+    reference: dict[str, list[Tensor]] = {label: [] for label in targets}
+    for state, x in states.values():
+        for label in targets:
+            with torch.random.fork_rng(), torch.enable_grad():
+                torch.set_rng_state(state)
+                name, index = (label, ()) if "[" not in label else (label[: label.index("[")], (1, 0))
+                tensor = dict(model.named_parameters())[name]
+                y = model(x)
+                for element in y.reshape(-1):
+                    (g,) = torch.autograd.grad(element, tensor, retain_graph=True)
+                    reference[label].append(g[index].detach())
+    for label, values in reference.items():
+        expected = torch.stack(values).double()
+        got = monitor.summary()[label]
+        assert got["count"] == expected.numel()
+        assert got["mean"] == pytest.approx(float(expected.mean()), rel=1e-5, abs=1e-7)
+        assert got["abs_mean"] == pytest.approx(float(expected.abs().mean()), rel=1e-5, abs=1e-7)
+        assert got["max"] == pytest.approx(float(expected.max()), rel=1e-5, abs=1e-7)
+
+
+class BatchNormInTrainMode(WithBatchNorm):
+    """Batch norm left in train mode in validation: its call updates the running statistics."""
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self.net[1].train()
+
+
+def test_running_statistics_updated_in_validation_are_the_models_own(tmp_path, monkeypatch):
+    """Batch norm in train mode updates its running statistics: the step gets the model's own call, so they end
+    as without the monitor, and the numbers are those of the separate pass."""
+    plain = BatchNormInTrainMode()
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        plain, DataLoader(physics_data(40), batch_size=8), verbose=False
+    )
+    models = {fuse: BatchNormInTrainMode() for fuse in (True, False)}
+    runs = {fuse: validate(tmp_path, models[fuse], fuse, monkeypatch) for fuse in (True, False)}
+    assert_same_run(runs[True], runs[False])
+    for model in models.values():
+        for name, buffer in plain.net[1].named_buffers():
+            assert torch.equal(buffer, model.net[1].get_buffer(name)), name
 
 
 class FailsOnThirdBatch(Counted):
