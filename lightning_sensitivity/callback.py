@@ -325,7 +325,10 @@ class SensitivityMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(trainer)
         _warn_if_run_in_other_processes(trainer)
+        plans = self._differentiator.plans  # what the engine learned about the module (the mode it measured cheaper,
+        # a fallback that worked) holds for the next fit or validate of the same module: not measured again
         self._differentiator = self._new_differentiator()
+        self._differentiator.plans = plans
         self._differentiator.resolve(pl_module)
         _check_clashes(self, trainer)
         self._stages = {

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_sensitivity._engine as engine
 from lightning_sensitivity import SensitivityCheckError, SensitivityMonitor
 from tests.helpers import (
+    Counted,
     Decay,
     WrongSign,
     assert_histogram,
     expected_stats,
     inputs,
     make_trainer,
+    physics_data,
     read_events,
     read_text_and_images,
 )
@@ -97,3 +101,16 @@ def test_monitors_of_different_stages_may_share_a_prefix(tmp_path):
     trainer = make_trainer(tmp_path, None, callbacks=[validate, test])
     trainer.test(Decay(), DataLoader(TensorDataset(inputs()), batch_size=8))
     assert "sensitivity_test/A" in read_events(trainer.logger.log_dir)[0]
+
+
+def test_what_the_engine_learned_holds_for_the_next_run_of_the_same_module(monkeypatch):
+    """auto's timing probe runs once per module and monitor, not again at every trainer.validate (or fit)."""
+    calls = []
+    choose = engine.choose
+    monkeypatch.setattr(engine, "choose", lambda *a, **k: calls.append(1) or choose(*a, **k))
+    model, monitor = Counted(), SensitivityMonitor(["C", "net.0.weight[1, 0]"], log_figures=False, verify=False)
+    for _ in range(3):
+        trainer = L.Trainer(logger=False, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(model, DataLoader(physics_data(16), batch_size=8), verbose=False)
+    assert len(calls) == 1
+    assert monitor.summary()["C"]["count"] == 16 * 3
