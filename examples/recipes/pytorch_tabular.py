@@ -15,7 +15,6 @@ exactly as it was by a ``trainer.validate`` with the monitor, and a fit bit for 
 # ruff: noqa: E402  (imports follow the sys.path fix below, and the recipe section imports what it uses)
 from __future__ import annotations
 
-import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ from pytorch_tabular.config import DataConfig, ExperimentConfig, OptimizerConfig
 from pytorch_tabular.models import CategoryEmbeddingModelConfig
 
 sys.path.insert(0, str(HERE))
-from reference import assert_untouched, check, loop_reference, snapshot
+from reference import assert_untouched, check, input_reference, loop_reference, snapshot
 
 LOGS = tempfile.mkdtemp(prefix="recipe-pytorch-tabular-")  # TensorBoard logs, outside the working tree
 
@@ -110,25 +109,11 @@ def output(m: torch.nn.Module, batch: dict) -> torch.Tensor:
     return m(batch)["logits"]
 
 
-def input_reference(m: torch.nn.Module, batches: list[dict], key: str, column: int) -> torch.Tensor:
-    """d y_i / d batch[key][i, column] for every output element of every sample, one autograd.grad each."""
-    copied = copy.deepcopy(m)
-    values = []
-    for batch in batches:
-        x = batch[key].detach().clone().requires_grad_(True)
-        out = output(copied, {**batch, key: x})
-        for i in range(out.shape[0]):
-            for element in out[i].reshape(-1):
-                (g,) = torch.autograd.grad(element, x, retain_graph=True)
-                values.append(g[i, column].detach())
-    return torch.stack(values).double()
-
-
 # (a) the numbers of that validate against the loop of torch.autograd.grad at the final weights
 batches = list(val_loader)
 parameters = ["_backbone.linear_layers.0.weight[0, 0]", "head.layers.0.bias"]
 reference = loop_reference(module, parameters, batches, output)
-reference["batch['continuous'][:, 0]"] = input_reference(module, batches, "continuous", 0)
+reference["batch['continuous'][:, 0]"] = input_reference(module, batches, output, "continuous", 0)
 
 # (c) trained bit for bit as without the monitor
 plain = tabular_model()

@@ -52,6 +52,28 @@ def loop_reference(
     return {label: torch.stack(v).double() for label, v in values.items()}
 
 
+def input_reference(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    output: Callable[[nn.Module, Any], Tensor],
+    key: str,
+    column: int,
+) -> Tensor:
+    """Every ``d output[i, ...] / d batch[key][i, column]``, each sample's output with respect to its own input, over
+    every batch (a dict) in order, by one ``torch.autograd.grad`` per output element, on a copy of ``model``."""
+    copied = copy.deepcopy(model)
+    values = []
+    for batch in batches:
+        x = batch[key].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = output(copied, {**batch, key: x})
+            for i in range(out.shape[0]):
+                for element in out[i].reshape(-1):
+                    (g,) = torch.autograd.grad(element, x, retain_graph=True)
+                    values.append(g[i, column].detach())
+    return torch.stack(values).double()
+
+
 def snapshot(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """Every Parameter and buffer, by every name it has: the object and a copy of its value."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]

@@ -16,7 +16,6 @@ exactly as it was by a ``trainer.validate`` with the monitor, and a fit bit for 
 
 from __future__ import annotations
 
-import copy
 import sys
 import tempfile
 import warnings
@@ -29,7 +28,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import assert_untouched, check, loop_reference, snapshot  # noqa: E402
+from reference import assert_untouched, check, input_reference, loop_reference, snapshot  # noqa: E402
 
 LOGS = tempfile.mkdtemp(prefix="recipe-scvi-tools-")  # TensorBoard logs, outside the working tree
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # scvi's loaders use no workers
@@ -90,25 +89,11 @@ def output(m: torch.nn.Module, batch: dict) -> torch.Tensor:
     return m.module.inference(batch["X"], batch["batch"])["qz"].loc
 
 
-def input_reference(m: torch.nn.Module, batches: list[dict], key: str, column: int) -> torch.Tensor:
-    """d y_i / d batch[key][i, column] for every output element of every cell, one autograd.grad each."""
-    copied = copy.deepcopy(m)
-    values = []
-    for batch in batches:
-        x = batch[key].detach().clone().requires_grad_(True)
-        out = output(copied, {**batch, key: x})
-        for i in range(out.shape[0]):
-            for element in out[i].reshape(-1):
-                (g,) = torch.autograd.grad(element, x, retain_graph=True)
-                values.append(g[i, column].detach())
-    return torch.stack(values).double()
-
-
 # (a) the numbers of that validate against the loop of torch.autograd.grad at the final weights
 batches = list(val_loader)
 parameters = ["module.z_encoder.encoder.fc_layers.Layer 0.0.weight[0, 1]", "module.z_encoder.mean_encoder.weight[2, 0]"]
 reference = loop_reference(plan, parameters, batches, output)
-reference["batch['X'][:, 3]"] = input_reference(plan, batches, "X", 3)
+reference["batch['X'][:, 3]"] = input_reference(plan, batches, output, "X", 3)
 
 # (c) trained bit for bit as without the monitor
 plain = untrained()
